@@ -1,0 +1,147 @@
+"""One adapter from a diffusers UNet + noise schedule to the denoiser convention (x0 and eps).
+
+Every loss and the student scheduler call `to_x0_eps` or `Denoiser` instead of branching on `prediction_type`
+(k-diffusion's `external.py` idea). VP notation of METHODS.md: `x_t = a_t x0 + s_t eps`, `a_t = sqrt(abar_t)`,
+`s_t = sqrt(1 - abar_t)`; CFG in the paper form `e(k) = (1 - k) e_uncond + k e_cond`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+__all__ = ["PREDICTION_TYPES", "Denoiser", "DenoiserOutput", "alpha_sigma", "classifier_free_guidance", "to_x0_eps"]
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def alpha_sigma(
+    alphas_cumprod: torch.Tensor, timesteps: torch.Tensor | int, ndim: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""
+    `a_t = sqrt(abar_t)` and `s_t = sqrt(1 - abar_t)` for integer `timesteps`, in float32, shaped `(batch, 1, ..., 1)`
+    with `ndim` dimensions so they broadcast against samples.
+    """
+    timesteps = torch.as_tensor(timesteps, device=alphas_cumprod.device).long().reshape(-1)
+    abar = alphas_cumprod.to(torch.float32)[timesteps].reshape(-1, *([1] * (ndim - 1)))
+    return abar.sqrt(), (1.0 - abar).sqrt()
+
+
+def to_x0_eps(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    alpha: torch.Tensor,
+    sigma: torch.Tensor,
+    prediction_type: str = "epsilon",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""
+    Converts a network output at `x_t = sample` to `(x0, eps)`. Computed in float32: at `t = 999` on SD's schedule
+    `a_t ~ 0.07`, and dividing a bf16 eps error by it is what makes one-step students speckle.
+
+    Args:
+        model_output (`torch.Tensor`): the network's prediction (`eps`, `v` or `x0`, per `prediction_type`).
+        sample (`torch.Tensor`): the noisy input `x_t` the network saw.
+        alpha, sigma (`torch.Tensor`): `a_t`, `s_t` broadcastable to `sample` (see `alpha_sigma`).
+        prediction_type (`str`): one of `"epsilon"`, `"v_prediction"`, `"sample"`.
+
+    Returns:
+        `(x0, eps)` in float32.
+    """
+    out, x_t = model_output.float(), sample.float()
+    if prediction_type == "epsilon":
+        return (x_t - sigma * out) / alpha, out
+    if prediction_type == "v_prediction":
+        return alpha * x_t - sigma * out, sigma * x_t + alpha * out
+    if prediction_type == "sample":
+        return out, (x_t - alpha * out) / sigma
+    raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {prediction_type!r}.")
+
+
+def classifier_free_guidance(
+    uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float | torch.Tensor
+) -> torch.Tensor:
+    r"""
+    `(1 - k) uncond + k cond` (k = 1: no guidance). `guidance_scale` may be a float or a per-sample tensor of shape
+    `(batch,)`, broadcast over the remaining dimensions.
+    """
+    k = torch.as_tensor(guidance_scale, device=cond.device, dtype=cond.dtype)
+    if k.ndim == 1:
+        k = k.reshape(-1, *([1] * (cond.ndim - 1)))
+    return uncond + k * (cond - uncond)
+
+
+@dataclass
+class DenoiserOutput:
+    r"""
+    Args:
+        x0 (`torch.Tensor`): the denoised estimate, float32.
+        eps (`torch.Tensor`): the noise estimate, float32.
+    """
+
+    x0: torch.Tensor
+    eps: torch.Tensor
+
+
+class Denoiser:
+    r"""
+    Wraps a UNet and its training noise schedule so that callers get `x0` and `eps` whatever the `prediction_type`.
+
+    Args:
+        unet (`UNet2DConditionModel`): the network (teacher, fake score or student).
+        alphas_cumprod (`torch.Tensor`): `abar_t` for `t` in `[0, num_train_timesteps)`.
+        prediction_type (`str`): what the UNet predicts: `"epsilon"`, `"v_prediction"` or `"sample"`.
+    """
+
+    def __init__(self, unet, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon"):
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {prediction_type!r}.")
+        self.unet = unet
+        self.alphas_cumprod = alphas_cumprod
+        self.prediction_type = prediction_type
+
+    @classmethod
+    def from_scheduler(cls, unet, scheduler) -> Denoiser:
+        r"""Builds the adapter from any diffusers scheduler with `alphas_cumprod` (DDPM, DDIM, PNDM, ours, ...)."""
+        return cls(unet, scheduler.alphas_cumprod, scheduler.config.prediction_type)
+
+    def __call__(
+        self,
+        sample: torch.Tensor,
+        timesteps: torch.Tensor | int,
+        encoder_hidden_states: torch.Tensor,
+        guidance_scale: float | torch.Tensor | None = None,
+        uncond_encoder_hidden_states: torch.Tensor | None = None,
+        cross_attention_kwargs: dict | None = None,
+    ) -> DenoiserOutput:
+        r"""
+        Denoises `sample` (`x_t`, `(batch, C, H, W)`) at integer `timesteps` (scalar or `(batch,)`).
+
+        With `guidance_scale` (float or `(batch,)`) and `uncond_encoder_hidden_states`, the unconditional and
+        conditional branches run as one batched UNet call and are combined by `classifier_free_guidance` on the
+        raw outputs (every conversion is linear in the output, so this equals guiding `x0` or `eps`).
+        """
+        batch_size = sample.shape[0]
+        timesteps = torch.as_tensor(timesteps, device=sample.device).long().reshape(-1).expand(batch_size)
+        alpha, sigma = alpha_sigma(self.alphas_cumprod.to(sample.device), timesteps, sample.ndim)
+        model_input = sample.to(self.unet.dtype)
+        guided = guidance_scale is not None and uncond_encoder_hidden_states is not None
+        if guided:
+            model_output = self.unet(
+                torch.cat([model_input, model_input]),
+                torch.cat([timesteps, timesteps]),
+                encoder_hidden_states=torch.cat([uncond_encoder_hidden_states, encoder_hidden_states]),
+                cross_attention_kwargs=cross_attention_kwargs,
+            ).sample
+            uncond, cond = model_output.float().chunk(2)
+            model_output = classifier_free_guidance(uncond, cond, guidance_scale)
+        else:
+            model_output = self.unet(
+                model_input,
+                timesteps,
+                encoder_hidden_states=encoder_hidden_states,
+                cross_attention_kwargs=cross_attention_kwargs,
+            ).sample
+        x0, eps = to_x0_eps(model_output, sample, alpha, sigma, self.prediction_type)
+        return DenoiserOutput(x0=x0, eps=eps)

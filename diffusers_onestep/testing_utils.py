@@ -1,0 +1,134 @@
+"""Tiny, seeded components built in code, for tests and offline examples.
+
+Nothing here downloads anything: the CLIP tokenizer is written from an in-memory byte-level vocabulary, so a
+tokenizer, text encoder, UNet and VAE of a few thousand parameters can be made on any machine.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+
+__all__ = [
+    "DEFAULT_WORDS",
+    "build_clip_tokenizer",
+    "get_dummy_components",
+    "get_dummy_teacher_components",
+]
+
+DEFAULT_WORDS = (
+    "a photo of the handwritten digit number zero one two three four five six seven eight nine cat dog pet"
+).split()
+
+
+def build_clip_tokenizer(
+    words: Iterable[str] = DEFAULT_WORDS, model_max_length: int = 16, save_directory: str | os.PathLike | None = None
+) -> CLIPTokenizer:
+    r"""
+    Builds a byte-level BPE `CLIPTokenizer` whose vocabulary is every byte (alone and word-final) plus one merge chain
+    per word in `words`, so those words are single tokens and any other text still tokenizes character by character.
+
+    Args:
+        words (`Iterable[str]`): words that become single tokens (lower-cased, as CLIP lower-cases its input).
+        model_max_length (`int`, defaults to 16): the padded sequence length.
+        save_directory (`str`, *optional*): when given, the tokenizer is also saved there.
+    """
+    byte_chars = list(bytes_to_unicode().values())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for char in byte_chars:
+            vocab[char + suffix] = len(vocab)
+    merges: list[tuple[str, str]] = []
+    for word in dict.fromkeys(w.lower() for w in words):
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            merged = pieces[0] + pieces[1]
+            if pair not in merges and merged not in vocab:
+                merges.append(pair)
+                vocab[merged] = len(vocab)
+            pieces = [merged] + pieces[2:]
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    if save_directory is not None:
+        tokenizer.save_pretrained(save_directory)
+    return tokenizer
+
+
+def get_dummy_components(
+    seed: int = 0,
+    sample_size: int = 16,
+    cross_attention_dim: int = 32,
+    prediction_type: str = "epsilon",
+    latent_channels: int = 4,
+) -> dict:
+    r"""
+    The components of a tiny Stable-Diffusion-like model (diffusers' `get_dummy_components` sizes): a UNet with
+    `block_out_channels=(4, 8)`, a one-level VAE whose scale factor is 2, a two-layer CLIP text encoder and a byte-level
+    tokenizer, and a `DDPMScheduler` with Stable Diffusion's `scaled_linear` betas. Seeded: equal seeds give equal
+    weights.
+
+    Returns:
+        `dict` with keys `unet`, `vae`, `text_encoder`, `tokenizer`, `scheduler`.
+    """
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        sample_size=sample_size // 2,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        norm_num_groups=2,
+        attention_head_dim=2,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=(4, 8),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=latent_channels,
+        norm_num_groups=2,
+        sample_size=sample_size,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            hidden_size=cross_attention_dim,
+            intermediate_size=37,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=1100,
+            max_position_embeddings=16,
+        )
+    ).eval()
+    tokenizer = build_clip_tokenizer()
+    scheduler = DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type=prediction_type,
+        clip_sample=False,
+        steps_offset=1,
+    )
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+
+
+def get_dummy_teacher_components(seed: int = 0, **kwargs) -> dict:
+    r"""The components of a tiny `StableDiffusionPipeline` (safety checker and feature extractor off)."""
+    components = get_dummy_components(seed=seed, **kwargs)
+    components.update(safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False)
+    return components

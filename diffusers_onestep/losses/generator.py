@@ -1,0 +1,63 @@
+"""The one-step generator `x0 = G(z, c)` shared by every distillation loss and training script (METHODS.md section 1).
+
+The student UNet is called once at its conditioning timestep `t_init` on `z` itself (SwiftBrush, `input_type="noise"`)
+or on `s_{t_init} z` (SiD-LSG, `input_type="scaled_noise"`), and its output is converted to `x0` by the same adapter
+as every other network (`Denoiser`). `t_init`, the input scaling, the noise schedule and the prediction type are read
+from the student's scheduler config (`ConsistencyStudentScheduler`), never hard-coded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .denoiser import Denoiser, alpha_sigma
+
+
+__all__ = ["INPUT_TYPES", "student_generate", "student_input"]
+
+INPUT_TYPES = ("noise", "scaled_noise")
+
+
+def student_input(scheduler, noise: torch.Tensor) -> torch.Tensor:
+    r"""
+    The student's network input `x_{t_init}` for `noise` (`(batch, C, H, W)`): `z` (`input_type="noise"`) or
+    `s_{t_init} z` (`input_type="scaled_noise"`), per `scheduler.config`.
+    """
+    input_type = scheduler.config.get("input_type", "noise")
+    if input_type == "noise":
+        return noise
+    if input_type == "scaled_noise":
+        _, sigma = alpha_sigma(scheduler.alphas_cumprod.to(noise.device), scheduler.config.t_init, noise.ndim)
+        return (sigma * noise.float()).to(noise.dtype)
+    raise ValueError(f"`input_type` must be one of {INPUT_TYPES}, got {input_type!r}.")
+
+
+def student_generate(
+    unet,
+    scheduler,
+    noise: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    cross_attention_kwargs: dict | None = None,
+) -> torch.Tensor:
+    r"""
+    One student step: `x0 = G(z, c)`, differentiable with respect to the student's parameters.
+
+    Args:
+        unet (`UNet2DConditionModel` or a callable with the same signature and a `dtype`): the student.
+        scheduler (`ConsistencyStudentScheduler` or any scheduler whose config has `t_init`, `input_type`,
+            `prediction_type` and which exposes `alphas_cumprod`): the student's scheduler.
+        noise (`torch.Tensor`): `z`, shape `(batch, C, H, W)`.
+        prompt_embeds (`torch.Tensor`): text embeddings, shape `(batch, seq_len, dim)`.
+        cross_attention_kwargs (`dict`, *optional*): passed to the UNet.
+
+    Returns:
+        `torch.Tensor`: `x0` in float32, shape of `noise`.
+    """
+    if "t_init" not in scheduler.config:
+        raise ValueError(
+            f"The student scheduler ({type(scheduler).__name__}) has no `t_init` in its config: use "
+            "`ConsistencyStudentScheduler.from_config(teacher_scheduler.config, t_init=..., input_type=...)`."
+        )
+    denoiser = Denoiser(unet, scheduler.alphas_cumprod, scheduler.config.prediction_type)
+    sample = student_input(scheduler, noise)
+    return denoiser(sample, scheduler.config.t_init, prompt_embeds, cross_attention_kwargs=cross_attention_kwargs).x0

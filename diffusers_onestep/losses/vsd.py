@@ -1,0 +1,208 @@
+"""Proper-Guidance SwiftBrush (PG-SB): variational score distillation with a random guidance scale.
+
+Papers (equation numbers could not be checked offline; the steps below follow METHODS.md section 2):
+    - SNOOPI: Supercharged One-step Diffusion Distillation with Proper Guidance, Nguyen et al., arXiv 2412.02687,
+      "Proper Guidance - SwiftBrush": the teacher's guidance scale is drawn per sample from `U(k_min, k_max)` and the
+      **same** scale is applied to the fake score.
+    - SwiftBrush: One-Step Text-to-Image Diffusion Model with Variational Score Distillation, Nguyen & Tran,
+      CVPR 2024: the student gradient and the LoRA fake-score loss; one fixed guidance scale is the baseline
+      (`fixed_guidance_scale`). `guide_fake_score=False` gives the ProlificDreamer convention (guided teacher,
+      conditional fake score).
+    - ProlificDreamer (Wang et al., NeurIPS 2023): the VSD gradient `w(t) (eps_teacher - eps_fake) dx0/dtheta`.
+
+Student (METHODS.md 2.1-2.3): `x_t = a_t x0 + s_t eps`, `t ~ U{t_min..t_max}`; without gradient
+`e_teacher = e_psi(k)`, `e_fake = e_pi(k)`, `k ~ U(k_min, k_max)`; `w(t) = s_t^2`; the gradient on `x0` is
+`w(t) (e_teacher - e_fake)`, implemented as `0.5 * mse(x0, stopgrad(x0 - w(t) (e_teacher - e_fake)))`.
+Fake score (2.4): `mse(a_t e_pi(x_t, c'), a_t eps)` on `stopgrad(x0)` at `t ~ U{0..T-1}`, `c'` the empty prompt with
+probability 0.1. Optional clamped CLIP loss (2.5, from SwiftBrush v2): `max(0, tau - cos(img, txt))`, tau 0.37, weight
+0.1 decayed to 0 by the script (*unverified* defaults, exposed as flags).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .denoiser import Denoiser, alpha_sigma
+
+
+__all__ = ["PGSwiftBrushLoss", "clamped_clip_loss"]
+
+
+def _expand(embeds: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return embeds.expand(batch_size, *embeds.shape[1:]) if embeds.shape[0] == 1 else embeds
+
+
+class PGSwiftBrushLoss:
+    r"""
+    The two players of PG-SB: `generator_loss` for the student, `fake_score_loss` for the LoRA fake score.
+
+    Networks are passed at call time as `Denoiser`s (any prediction type); randomness is drawn from `generator`
+    unless given explicitly (`noise`, `timesteps`, `guidance_scale`, `uncond_mask`).
+
+    Args:
+        guidance_scale_range (`tuple[float, float]`, defaults to `(0.5, 4.0)`): `(k_min, k_max)` of the per-sample
+            guidance scale (SNOOPI: SD1.5 / SD2.1 `U(0.5, 4)`, PixArt `U(0.5, 3)`).
+        fixed_guidance_scale (`float`, *optional*): the SwiftBrush baseline: one fixed `k` instead of a random one.
+        guide_fake_score (`bool`, defaults to `True`): apply the same `k` to the fake score (PG-SB). `False` gives the
+            original SwiftBrush (guided teacher, conditional fake score).
+        min_timestep, max_timestep (`int`, defaults to 20 and 980): the range of `t` for the student loss.
+        uncond_prob (`float`, defaults to 0.1): probability of the empty prompt in the fake-score loss.
+    """
+
+    def __init__(
+        self,
+        guidance_scale_range: tuple[float, float] = (0.5, 4.0),
+        fixed_guidance_scale: float | None = None,
+        guide_fake_score: bool = True,
+        min_timestep: int = 20,
+        max_timestep: int = 980,
+        uncond_prob: float = 0.1,
+    ):
+        k_min, k_max = guidance_scale_range
+        if not 0 <= k_min <= k_max:
+            raise ValueError(f"`guidance_scale_range` must satisfy 0 <= k_min <= k_max, got {guidance_scale_range}.")
+        if not 0 <= min_timestep <= max_timestep:
+            raise ValueError(f"need 0 <= `min_timestep` <= `max_timestep`, got {min_timestep} and {max_timestep}.")
+        if not 0.0 <= uncond_prob <= 1.0:
+            raise ValueError(f"`uncond_prob` must be in [0, 1], got {uncond_prob}.")
+        self.guidance_scale_range = (float(k_min), float(k_max))
+        self.fixed_guidance_scale = fixed_guidance_scale
+        self.guide_fake_score = guide_fake_score
+        self.min_timestep, self.max_timestep = min_timestep, max_timestep
+        self.uncond_prob = uncond_prob
+
+    def sample_guidance_scale(
+        self, batch_size: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        r"""`k` per sample, shape `(batch_size,)`: `U(k_min, k_max)`, or the fixed scale of the baseline."""
+        if self.fixed_guidance_scale is not None:
+            return torch.full((batch_size,), float(self.fixed_guidance_scale), device=device)
+        k_min, k_max = self.guidance_scale_range
+        u = torch.rand(batch_size, generator=generator, device=generator.device if generator else "cpu")
+        return (k_min + (k_max - k_min) * u).to(device)
+
+    def generator_loss(
+        self,
+        teacher: Denoiser,
+        fake_score: Denoiser,
+        x0: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        uncond_prompt_embeds: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+        guidance_scale: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        r"""
+        The student's VSD loss (steps 1-3 of PG-SB). Only `x0` carries gradient; both scores run under `no_grad`.
+
+        Args:
+            teacher, fake_score (`Denoiser`): the frozen teacher `e_psi` and the fake score `e_pi`.
+            x0 (`torch.Tensor`): the student's output `G(z, c)`, `(batch, C, H, W)`.
+            prompt_embeds (`torch.Tensor`): `(batch, seq_len, dim)`.
+            uncond_prompt_embeds (`torch.Tensor`): the empty prompt, `(1 or batch, seq_len, dim)`.
+            noise, timesteps, guidance_scale (`torch.Tensor`, *optional*): `eps`, `t` (`(batch,)` long) and `k`
+                (`(batch,)`); drawn from `generator` when omitted.
+
+        Returns:
+            `(loss, logs)`: the batch-mean loss and detached values to log.
+        """
+        batch_size = x0.shape[0]
+        num_train_timesteps = teacher.alphas_cumprod.shape[0]
+        if self.max_timestep >= num_train_timesteps:
+            raise ValueError(f"`max_timestep` must be < {num_train_timesteps}, got {self.max_timestep}.")
+        gen_device = generator.device if generator is not None else "cpu"
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=gen_device).to(x0.device)
+        if timesteps is None:
+            timesteps = torch.randint(
+                self.min_timestep, self.max_timestep + 1, (batch_size,), generator=generator, device=gen_device
+            )
+        if guidance_scale is None:
+            guidance_scale = self.sample_guidance_scale(batch_size, x0.device, generator)
+        timesteps, guidance_scale = timesteps.to(x0.device).long(), guidance_scale.to(x0.device).float()
+        uncond = _expand(uncond_prompt_embeds, batch_size)
+
+        # 1. diffuse the student's sample: x_t = a_t x0 + s_t eps
+        alpha, sigma = alpha_sigma(teacher.alphas_cumprod.to(x0.device), timesteps, x0.ndim)
+        x_t = alpha * x0.detach().float() + sigma * noise.float()
+        # 2. teacher and fake score with the same guidance scale k (PG-SB), without gradient
+        with torch.no_grad():
+            eps_teacher = teacher(x_t, timesteps, prompt_embeds, guidance_scale, uncond).eps
+            if self.guide_fake_score:
+                eps_fake = fake_score(x_t, timesteps, prompt_embeds, guidance_scale, uncond).eps
+            else:
+                eps_fake = fake_score(x_t, timesteps, prompt_embeds).eps
+        # 3. gradient on x0 is w(t) (e_teacher - e_fake), w(t) = s_t^2; nan_to_num keeps one bad sample from
+        # poisoning the batch (the loop's guard still catches a non-finite loss)
+        grad = sigma**2 * (eps_teacher - eps_fake)
+        target = torch.nan_to_num(x0.detach().float() - grad)
+        loss = 0.5 * F.mse_loss(x0.float(), target, reduction="mean")
+        logs = {
+            "loss_vsd": loss.detach(),
+            "grad_norm_x0": grad.flatten(1).norm(dim=1).mean().detach(),
+            "guidance_scale": guidance_scale.mean().detach(),
+        }
+        return loss, logs
+
+    def fake_score_loss(
+        self,
+        fake_score: Denoiser,
+        x0: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        uncond_prompt_embeds: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+        uncond_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        r"""
+        The fake score's denoising loss on the student's samples (step 4 of PG-SB): `mean(abar_t (e_pi - eps)^2)`.
+
+        Args:
+            fake_score (`Denoiser`): `e_pi`, trainable.
+            x0 (`torch.Tensor`): the student's samples; detached here.
+            prompt_embeds, uncond_prompt_embeds (`torch.Tensor`): as in `generator_loss`.
+            noise, timesteps (`torch.Tensor`, *optional*): `eps` and `t ~ U{0..T-1}`.
+            uncond_mask (`torch.Tensor`, *optional*): `(batch,)` bool, `True` where the empty prompt replaces the
+                prompt; drawn with probability `uncond_prob` when omitted.
+
+        Returns:
+            `(loss, logs)`.
+        """
+        x0 = x0.detach().float()
+        batch_size = x0.shape[0]
+        num_train_timesteps = fake_score.alphas_cumprod.shape[0]
+        gen_device = generator.device if generator is not None else "cpu"
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=gen_device).to(x0.device)
+        if timesteps is None:
+            timesteps = torch.randint(0, num_train_timesteps, (batch_size,), generator=generator, device=gen_device)
+        if uncond_mask is None:
+            uncond_mask = torch.rand(batch_size, generator=generator, device=gen_device) < self.uncond_prob
+        timesteps, uncond_mask = timesteps.to(x0.device).long(), uncond_mask.to(x0.device).bool()
+        embeds = torch.where(uncond_mask[:, None, None], _expand(uncond_prompt_embeds, batch_size), prompt_embeds)
+
+        alpha, sigma = alpha_sigma(fake_score.alphas_cumprod.to(x0.device), timesteps, x0.ndim)
+        x_t = alpha * x0 + sigma * noise.float()
+        eps_fake = fake_score(x_t, timesteps, embeds).eps
+        # abar_t-weighted epsilon MSE: mse(a_t e_pi, a_t eps)
+        loss = F.mse_loss(alpha * eps_fake, alpha * noise.float(), reduction="mean")
+        return loss, {"loss_fake_score": loss.detach()}
+
+
+def clamped_clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, tau: float = 0.37) -> torch.Tensor:
+    r"""
+    The clamped CLIP loss `max(0, tau - cos(img, txt))` per sample (SwiftBrush v2, used by SNOOPI): it stops pulling
+    once an image is aligned enough, so it cannot override the distillation signal.
+
+    Args:
+        image_embeds, text_embeds (`torch.Tensor`): `(batch, dim)` CLIP projections (any scale; normalised here).
+        tau (`float`, defaults to 0.37): the clamp.
+
+    Returns:
+        `torch.Tensor` of shape `(batch,)`.
+    """
+    cos = F.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)
+    return (tau - cos).clamp(min=0)

@@ -1,0 +1,4 @@
+from .nasa import NASAAttnProcessor, check_nasa_scale, nasa_attention
+
+
+__all__ = ["NASAAttnProcessor", "check_nasa_scale", "nasa_attention"]

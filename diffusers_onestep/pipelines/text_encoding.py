@@ -72,7 +72,9 @@ def encode_prompt(
     else:
         hidden_states = text_encoder(input_ids, attention_mask=attention_mask, output_hidden_states=True)[-1]
         # the final layer norm is part of what SD's UNet was trained on, so it is applied to the earlier layer too
-        prompt_embeds = text_encoder.text_model.final_layer_norm(hidden_states[-(clip_skip + 1)])
+        # (transformers 5 flattened CLIPTextModel: `final_layer_norm` lives on the model, no more `.text_model`)
+        final_layer_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+        prompt_embeds = final_layer_norm(hidden_states[-(clip_skip + 1)])
 
     prompt_embeds = prompt_embeds.to(dtype=dtype or text_encoder.dtype, device=device)
     return repeat_embeddings(prompt_embeds, num_images_per_prompt)

@@ -1,0 +1,268 @@
+"""Trains the digits teacher and saves it as a Stable-Diffusion-format checkpoint directory.
+
+    OMP_NUM_THREADS=1 nice -n 10 python examples/digits/train_teacher.py \
+        --vae_dir /work/digits_artifacts/vae --output_dir /work/digits_artifacts/teacher
+
+The saved directory loads with `StableDiffusionPipeline.from_pretrained(output_dir)`, and the distillation scripts take
+it as `--pretrained_teacher_model_name_or_path` exactly like `stable-diffusion-v1-5`. Components:
+
+- `vae`: the frozen one-level `AutoencoderKL` of `train_vae.py` (8x8 latents, `vae_scale_factor` 1);
+- `tokenizer` + `text_encoder`: a byte-level `CLIPTokenizer` whose caption words are single tokens and a two-layer
+  `CLIPTextModel` (hidden size 64), trained jointly with the UNet from scratch;
+- `unet`: `UNet2DConditionModel`, block_out_channels (64, 128), one layer per block, cross-attention at 8x8
+  (about 3.1M parameters);
+- `scheduler`: `DDPMScheduler` with Stable Diffusion's `scaled_linear` betas (0.00085..0.012), epsilon prediction.
+
+Training is Stable Diffusion's: `x_t = sqrt(abar_t) z + sqrt(1 - abar_t) eps`, `t ~ U{0..999}`, loss `|eps_hat - eps|^2`,
+captions re-drawn every step from the caption distribution of `digits_data` and replaced by `""` with probability
+`--caption_dropout` (so classifier-free guidance works), prompts encoded with `diffusers_onestep.pipelines.text_encoding`
+(the same function the pipelines use), EMA of UNet and text encoder weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.training_utils import EMAModel
+from digits_data import TOKENIZER_WORDS, load_digits_split, random_captions
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from diffusers_onestep.pipelines.text_encoding import encode_prompt
+from diffusers_onestep.testing_utils import build_clip_tokenizer
+
+
+__all__ = ["build_teacher_components", "main", "save_teacher", "train_teacher"]
+
+
+def build_teacher_components(
+    vae: AutoencoderKL,
+    block_out_channels: tuple[int, ...] = (64, 128),
+    text_hidden_size: int = 64,
+    text_layers: int = 2,
+    model_max_length: int = 16,
+    seed: int = 0,
+) -> dict:
+    r"""
+    Freshly initialised teacher components around a trained `vae` (see the module docstring).
+
+    Returns:
+        `dict` with `vae`, `text_encoder`, `tokenizer`, `unet`, `scheduler` (the `StableDiffusionPipeline` arguments
+        without the safety checker).
+    """
+    tokenizer = build_clip_tokenizer(TOKENIZER_WORDS, model_max_length=model_max_length)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=text_hidden_size,
+            intermediate_size=4 * text_hidden_size,
+            num_hidden_layers=text_layers,
+            num_attention_heads=4,
+            max_position_embeddings=model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    torch.manual_seed(seed)
+    num_levels = len(block_out_channels)
+    unet = UNet2DConditionModel(
+        sample_size=vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1),
+        in_channels=vae.config.latent_channels,
+        out_channels=vae.config.latent_channels,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=1,
+        # cross-attention at the full 8x8 resolution only, plain ResNet blocks below
+        down_block_types=("CrossAttnDownBlock2D",) + ("DownBlock2D",) * (num_levels - 1),
+        up_block_types=("UpBlock2D",) * (num_levels - 1) + ("CrossAttnUpBlock2D",),
+        cross_attention_dim=text_hidden_size,
+        attention_head_dim=8,
+        norm_num_groups=min(32, block_out_channels[0]),
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        clip_sample=False,
+        steps_offset=1,
+    )
+    return {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet, "scheduler": scheduler}
+
+
+def train_teacher(
+    components: dict,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    max_train_steps: int = 3000,
+    train_batch_size: int = 64,
+    learning_rate: float = 5e-4,
+    lr_warmup_steps: int = 200,
+    caption_dropout: float = 0.1,
+    ema_decay: float | None = 0.999,
+    seed: int = 0,
+    log_every: int = 50,
+) -> list[dict]:
+    r"""
+    Trains `components["unet"]` and `components["text_encoder"]` in place (the EMA weights are copied in at the end).
+
+    Args:
+        images (`torch.Tensor` of shape `(N, 1, 8, 8)`): training images in `[-1, 1]`.
+        labels (`torch.Tensor` of shape `(N,)`): their digits (captions are drawn from them every step).
+        ema_decay (`float`, *optional*): maximum EMA decay (with diffusers' warm-up); `None` disables EMA.
+
+    Returns:
+        `list[dict]`: the training log (`step`, `loss`, `seconds_per_step`), one entry per `log_every` steps.
+    """
+    vae, unet, text_encoder = components["vae"], components["unet"], components["text_encoder"]
+    tokenizer, scheduler = components["tokenizer"], components["scheduler"]
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+
+    # 1. Encode the training images once: the VAE is frozen, a fresh posterior sample is drawn every step
+    vae.requires_grad_(False).eval()
+    with torch.no_grad():
+        posterior = vae.encode(images).latent_dist
+    latent_mean, latent_std = posterior.mean, posterior.std
+    scaling_factor = vae.config.scaling_factor
+
+    unet.train()
+    text_encoder.train()
+    parameters = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=1e-2)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / max(lr_warmup_steps, 1))
+    )
+    ema = None
+    if ema_decay is not None:
+        ema = EMAModel(parameters, decay=ema_decay, use_ema_warmup=True, power=3 / 4)
+
+    alphas_cumprod = scheduler.alphas_cumprod
+    log, running_loss, start, order = [], 0.0, time.perf_counter(), torch.empty(0, dtype=torch.long)
+    for step in range(1, max_train_steps + 1):
+        if len(order) < train_batch_size:
+            order = torch.cat([order, torch.randperm(len(images), generator=generator)])
+        batch, order = order[:train_batch_size], order[train_batch_size:]
+
+        # 2. Latents z ~ q(z | x), scaled to unit variance as Stable Diffusion does
+        noise_shape = latent_mean[batch].shape
+        latents = latent_mean[batch] + latent_std[batch] * torch.randn(noise_shape, generator=generator)
+        latents = latents * scaling_factor
+
+        # 3. Captions, with caption dropout to the empty prompt (the unconditional branch of CFG)
+        captions = random_captions(labels[batch], generator)
+        drop = torch.rand(len(captions), generator=generator) < caption_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop)]
+        unique = sorted(set(captions))
+        prompt_embeds = encode_prompt(tokenizer, text_encoder, unique)
+        prompt_embeds = prompt_embeds[torch.tensor([unique.index(c) for c in captions])]
+
+        # 4. Forward diffusion x_t = sqrt(abar_t) z + sqrt(1 - abar_t) eps, t ~ U{0..T-1}
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, len(alphas_cumprod), (len(batch),), generator=generator)
+        noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+        target = (
+            noise
+            if scheduler.config.prediction_type == "epsilon"
+            else scheduler.get_velocity(latents, noise, timesteps)
+        )
+
+        # 5. Denoising loss and update
+        model_output = unet(noisy_latents, timesteps, prompt_embeds).sample
+        loss = F.mse_loss(model_output, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        lr_schedule.step()
+        if ema is not None:
+            ema.step(parameters)
+
+        running_loss += loss.item()
+        if step % log_every == 0 or step == max_train_steps:
+            seconds = (time.perf_counter() - start) / step
+            count = log_every if step % log_every == 0 else step % log_every
+            entry = {"step": step, "loss": running_loss / count, "seconds_per_step": seconds}
+            log.append(entry)
+            running_loss = 0.0
+            print(f"step {step}/{max_train_steps}: loss {entry['loss']:.4f} ({seconds:.3f} s/step)", flush=True)
+
+    if ema is not None:
+        ema.copy_to(parameters)
+    unet.eval()
+    text_encoder.eval()
+    return log
+
+
+def save_teacher(components: dict, output_dir: str) -> StableDiffusionPipeline:
+    r"""
+    Saves `components` as a `StableDiffusionPipeline` directory (safetensors, no safety checker). The directory is
+    written next to `output_dir` first and moved into place, so a failed save never destroys a previous teacher.
+    """
+    pipe = StableDiffusionPipeline(
+        **components, safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False
+    )
+    staging = output_dir.rstrip("/") + ".saving"
+    shutil.rmtree(staging, ignore_errors=True)
+    pipe.save_pretrained(staging, safe_serialization=True)
+    shutil.rmtree(output_dir, ignore_errors=True)
+    os.replace(staging, output_dir)
+    return pipe
+
+
+def main(argv: list[str] | None = None) -> StableDiffusionPipeline:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vae_dir", required=True, help="the AutoencoderKL saved by train_vae.py")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--max_train_steps", type=int, default=3000)
+    parser.add_argument("--train_batch_size", type=int, default=64)
+    parser.add_argument("--learning_rate", type=float, default=5e-4)
+    parser.add_argument("--lr_warmup_steps", type=int, default=200)
+    parser.add_argument("--caption_dropout", type=float, default=0.1)
+    parser.add_argument("--ema_decay", type=float, default=0.999, help="maximum EMA decay; 0 disables EMA")
+    parser.add_argument("--block_out_channels", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log_every", type=int, default=50)
+    args = parser.parse_args(argv)
+
+    images, labels = load_digits_split("train")
+    vae = AutoencoderKL.from_pretrained(args.vae_dir)
+    components = build_teacher_components(vae, tuple(args.block_out_channels), seed=args.seed)
+    num_parameters = sum(p.numel() for p in components["unet"].parameters())
+    print(f"unet parameters: {num_parameters / 1e6:.3f}M, text encoder parameters: "
+          f"{sum(p.numel() for p in components['text_encoder'].parameters()) / 1e6:.3f}M")  # fmt: skip
+    start = time.perf_counter()
+    log = train_teacher(
+        components,
+        images,
+        labels,
+        max_train_steps=args.max_train_steps,
+        train_batch_size=args.train_batch_size,
+        learning_rate=args.learning_rate,
+        lr_warmup_steps=args.lr_warmup_steps,
+        caption_dropout=args.caption_dropout,
+        ema_decay=args.ema_decay or None,
+        seed=args.seed,
+        log_every=args.log_every,
+    )
+    train_seconds = time.perf_counter() - start
+    pipe = save_teacher(components, args.output_dir)
+    with open(os.path.join(args.output_dir, "training_log.json"), "w") as f:
+        json.dump(
+            {"args": vars(args), "train_seconds": train_seconds, "unet_parameters": num_parameters, "log": log}, f
+        )
+    print(f"train_seconds: {train_seconds:.1f}")
+    print(f"seconds_per_step: {train_seconds / max(args.max_train_steps, 1):.3f}")
+    return pipe
+
+
+if __name__ == "__main__":
+    main()

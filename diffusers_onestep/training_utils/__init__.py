@@ -1,0 +1,75 @@
+"""Plain functions shared by the training scripts: arguments, setup, prompt data, loop plumbing, validation, Hub."""
+
+from .args import PRESETS, TrainingArguments, parse_args, validate_training_args
+from .data import load_prompts, prompt_batches
+from .hub import format_command, push_to_hub, save_model_card, save_student
+from .loop import (
+    LoopStep,
+    NonFiniteError,
+    all_finite,
+    guard_finite,
+    list_checkpoints,
+    optimizer_step,
+    rank_slice,
+    register_checkpoint_hooks,
+    resume_from_checkpoint,
+    save_checkpoint,
+    step_generator,
+    training_loop,
+)
+from .setup import (
+    FAKE_SCORE_ADAPTER,
+    STUDENT_ADAPTER,
+    AdapterView,
+    DistillationUNets,
+    TeacherComponents,
+    add_lora_adapter,
+    build_distillation_unets,
+    clip_embeddings,
+    load_clip,
+    load_teacher,
+    make_optimizer,
+    setup_accelerator,
+    weight_dtype,
+)
+from .validation import log_validation
+
+
+__all__ = [
+    "FAKE_SCORE_ADAPTER",
+    "PRESETS",
+    "STUDENT_ADAPTER",
+    "AdapterView",
+    "DistillationUNets",
+    "LoopStep",
+    "NonFiniteError",
+    "TeacherComponents",
+    "TrainingArguments",
+    "add_lora_adapter",
+    "all_finite",
+    "build_distillation_unets",
+    "clip_embeddings",
+    "format_command",
+    "guard_finite",
+    "list_checkpoints",
+    "load_clip",
+    "load_prompts",
+    "load_teacher",
+    "log_validation",
+    "make_optimizer",
+    "optimizer_step",
+    "parse_args",
+    "prompt_batches",
+    "push_to_hub",
+    "rank_slice",
+    "register_checkpoint_hooks",
+    "resume_from_checkpoint",
+    "save_checkpoint",
+    "save_model_card",
+    "save_student",
+    "setup_accelerator",
+    "step_generator",
+    "training_loop",
+    "validate_training_args",
+    "weight_dtype",
+]

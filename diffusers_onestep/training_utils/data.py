@@ -1,0 +1,100 @@
+"""Prompt data for data-free distillation: loading prompt lists and a deterministic, resumable batch order.
+
+The batch order is a pure function of `(seed, step)`: every rank computes the same global batch and keeps its own
+slice, so a resumed run sees exactly the prompts an uninterrupted run would, and `N` ranks with batch `B` see what one
+process with batch `N * B` sees.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import torch
+
+
+__all__ = ["PROMPT_COLUMNS", "load_prompts", "prompt_batches"]
+
+PROMPT_COLUMNS = ("prompt", "text", "caption")
+_TABLE_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def _column(dataset, column: str | None, source: str) -> list[str]:
+    names = dataset.column_names
+    if column is None:
+        column = next((name for name in PROMPT_COLUMNS if name in names), None)
+        if column is None:
+            raise ValueError(f"{source!r} has columns {names}; pass `--prompt_column` (one of them).")
+    elif column not in names:
+        raise ValueError(f"`--prompt_column` {column!r} is not in {source!r}; its columns are {names}.")
+    return [str(p) for p in dataset[column]]
+
+
+def load_prompts(source: str, column: str | None = None, split: str = "train") -> list[str]:
+    r"""
+    Reads a list of prompts from a text file (one per line), a CSV / JSON / JSON-lines / Parquet column, a dataset
+    saved with `Dataset.save_to_disk`, or any path or Hub id `datasets.load_dataset` accepts.
+
+    Args:
+        source (`str`): the path or dataset id (`--train_prompts`).
+        column (`str`, *optional*): the prompt column; defaults to the first of `prompt`, `text`, `caption`.
+        split (`str`, defaults to `"train"`): the split of a dataset with several.
+
+    Returns:
+        `list[str]`: the non-empty prompts, in file order.
+    """
+    ext = os.path.splitext(source)[1].lower()
+    if os.path.isfile(source) and ext == ".txt":
+        with open(source, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f]
+    else:
+        import datasets
+
+        if os.path.isfile(source) and ext in _TABLE_FORMATS:
+            dataset = datasets.load_dataset(_TABLE_FORMATS[ext], data_files=source, split="train")
+        elif os.path.isfile(source):
+            raise ValueError(f"`--train_prompts` {source!r}: use .txt, {sorted(_TABLE_FORMATS)} or a dataset.")
+        elif os.path.isfile(os.path.join(source, "dataset_info.json")) or os.path.isfile(
+            os.path.join(source, "dataset_dict.json")
+        ):
+            dataset = datasets.load_from_disk(source)
+        else:
+            dataset = datasets.load_dataset(source)
+        if isinstance(dataset, datasets.DatasetDict):
+            if split not in dataset:
+                raise ValueError(f"{source!r} has splits {list(dataset)}, not {split!r}.")
+            dataset = dataset[split]
+        prompts = [p.strip() for p in _column(dataset, column, source)]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise ValueError(f"`--train_prompts` {source!r} holds no prompts.")
+    return prompts
+
+
+def prompt_batches(
+    prompts: list[str], batch_size: int, seed: int | None = None, start: int = 0
+) -> Iterator[list[str]]:
+    r"""
+    Yields batches `start, start + 1, ...` of an endless stream of `prompts`, reshuffled every epoch with a generator
+    seeded by `(seed, epoch)`. Batch `i` depends only on `(prompts, batch_size, seed, i)`.
+
+    Args:
+        prompts (`list[str]`): the prompts.
+        batch_size (`int`): the *global* batch size (all ranks).
+        seed (`int`, *optional*): defaults to 0.
+        start (`int`, defaults to 0): the index of the first batch (a resumed run's micro-step count).
+    """
+    num_prompts, seed = len(prompts), seed or 0
+    permutations: dict[int, list[int]] = {}
+    position = start * batch_size
+    while True:
+        batch = []
+        for p in range(position, position + batch_size):
+            epoch = p // num_prompts
+            if epoch not in permutations:
+                permutations.clear()
+                generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+                permutations[epoch] = torch.randperm(num_prompts, generator=generator).tolist()
+            batch.append(prompts[permutations[epoch][p % num_prompts]])
+        position += batch_size
+        yield batch

@@ -1,0 +1,297 @@
+"""The training loop's plumbing: step iterator, deterministic randomness, NaN guard, atomic checkpoints, resume.
+
+Randomness is keyed by `(seed, micro_step)` and drawn for the global batch on every rank (each rank keeps its
+slice), so a resumed run and a multi-process run reproduce a single uninterrupted process. Checkpoints are written to a
+hidden `.checkpoint-N.partial` directory and renamed into place: a run killed while saving leaves the previous
+checkpoint untouched, and weights that are not finite are never written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+
+__all__ = [
+    "LoopStep",
+    "NonFiniteError",
+    "all_finite",
+    "guard_finite",
+    "list_checkpoints",
+    "optimizer_step",
+    "rank_slice",
+    "register_checkpoint_hooks",
+    "resume_from_checkpoint",
+    "save_checkpoint",
+    "step_generator",
+    "training_loop",
+]
+
+logger = get_logger(__name__)
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+
+class NonFiniteError(FloatingPointError):
+    r"""A loss, gradient norm or weight became NaN or infinite."""
+
+
+def step_generator(seed: int | None, micro_step: int) -> torch.Generator:
+    r"""A CPU generator seeded by `(seed, micro_step)`: the same draws on every rank, in every resumed run."""
+    return torch.Generator().manual_seed((seed or 0) * 1_000_003 + micro_step)
+
+
+def rank_slice(batch: torch.Tensor | Sequence, accelerator: Accelerator):
+    r"""This rank's share of a global batch (first dimension split into `num_processes` equal parts)."""
+    size = len(batch) // accelerator.num_processes
+    return batch[accelerator.process_index * size : (accelerator.process_index + 1) * size]
+
+
+def all_finite(accelerator: Accelerator, *tensors: torch.Tensor) -> bool:
+    r"""Whether every tensor is finite on every rank (one small all-gather, so all ranks agree)."""
+    flag = all(bool(torch.isfinite(t.detach()).all()) for t in tensors)
+    flags = accelerator.gather(torch.tensor([float(flag)], device=accelerator.device))
+    return bool(flags.min() > 0)
+
+
+def guard_finite(accelerator: Accelerator, step: int, nan_policy: str = "raise", **values: torch.Tensor) -> bool:
+    r"""
+    `True` when every value is finite on every rank. Otherwise raises `NonFiniteError` (`nan_policy="raise"`) or logs
+    a warning and returns `False` so the caller skips the update (`nan_policy="skip"`).
+    """
+    if all_finite(accelerator, *values.values()):
+        return True
+    shown = ", ".join(f"{name}={v.detach().float().mean().item():.4g}" for name, v in values.items())
+    message = (
+        f"Non-finite value at optimizer step {step}: {shown}. Nothing was updated and no checkpoint was written. "
+        "Usual causes: fp16 overflow (use --mixed_precision bf16), a learning rate too high, a broken teacher."
+    )
+    if nan_policy == "raise":
+        raise NonFiniteError(message + " Pass --nan_policy skip to skip such steps instead.")
+    logger.warning(message + " Skipping the step (--nan_policy skip).")
+    return False
+
+
+def optimizer_step(
+    accelerator: Accelerator,
+    optimizer,
+    lr_scheduler,
+    params: list[torch.nn.Parameter],
+    max_grad_norm: float,
+    step: int,
+    nan_policy: str = "raise",
+) -> torch.Tensor | None:
+    r"""
+    Clips gradients, checks their norm is finite (except under an fp16 grad scaler, which skips overflows itself),
+    steps the optimizer and the schedule, and zeroes the gradients. Returns the gradient norm on sync micro-steps.
+    """
+    grad_norm = None
+    if accelerator.sync_gradients:
+        grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm)
+        if accelerator.scaler is None and not guard_finite(accelerator, step, nan_policy, grad_norm=grad_norm):
+            optimizer.zero_grad(set_to_none=True)
+            lr_scheduler.step()
+            return grad_norm
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+@dataclass
+class LoopStep:
+    r"""
+    One micro-step of the loop.
+
+    Args:
+        global_step (`int`): optimizer steps completed before this micro-step.
+        micro_step (`int`): index of this micro-step since the start of training (resume-aware).
+        generator (`torch.Generator`): seeded by `(seed, micro_step)`; draw global-batch randomness from it.
+        logs (`dict`): values the body wants logged (tensors are fine; read after the step).
+    """
+
+    global_step: int
+    micro_step: int
+    generator: torch.Generator
+    logs: dict = field(default_factory=dict)
+
+
+def training_loop(
+    accelerator: Accelerator,
+    args,
+    first_step: int = 0,
+    checkpoint_fn: Callable[[int], None] | None = None,
+    validation_fn: Callable[[int], None] | None = None,
+) -> Iterator[LoopStep]:
+    r"""
+    Yields micro-steps until `args.max_train_steps` optimizer steps are done. After each optimizer step it updates
+    the progress bar, logs `step.logs` to the trackers, and calls `checkpoint_fn(step)` every
+    `args.checkpointing_steps` and `validation_fn(step)` every `args.validation_steps` (main process only).
+
+    Args:
+        accelerator (`Accelerator`): the run's accelerator (its `sync_gradients` marks optimizer steps).
+        args: `TrainingArguments` (`max_train_steps`, `gradient_accumulation_steps`, `seed`, cadences).
+        first_step (`int`): optimizer steps already done (from `resume_from_checkpoint`).
+
+    Returns:
+        An iterator of `LoopStep`.
+    """
+    progress = tqdm(
+        range(args.max_train_steps), initial=first_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    global_step, micro_step = first_step, first_step * args.gradient_accumulation_steps
+    while global_step < args.max_train_steps:
+        step = LoopStep(global_step, micro_step, step_generator(args.seed, micro_step))
+        yield step
+        micro_step += 1
+        if not accelerator.sync_gradients:
+            continue
+        global_step += 1
+        logs = {name: float(value) for name, value in step.logs.items()}
+        progress.update(1)
+        progress.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items()})
+        accelerator.log(logs, step=global_step)
+        if checkpoint_fn is not None and global_step % args.checkpointing_steps == 0:
+            checkpoint_fn(global_step)
+        if validation_fn is not None and accelerator.is_main_process and global_step % args.validation_steps == 0:
+            validation_fn(global_step)
+    progress.close()
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    r"""The complete checkpoints `output_dir/checkpoint-N`, oldest first (partial saves are hidden and skipped)."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [
+        n for n in os.listdir(output_dir) if _CHECKPOINT.fullmatch(n) and os.path.isdir(os.path.join(output_dir, n))
+    ]
+    return [os.path.join(output_dir, n) for n in sorted(names, key=lambda n: int(n.split("-")[1]))]
+
+
+def _fsync_tree(path: str) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    output_dir: str,
+    step: int,
+    total_limit: int | None = None,
+    params: Sequence[torch.Tensor] = (),
+) -> str:
+    r"""
+    Saves a resumable checkpoint atomically to `output_dir/checkpoint-{step}` (call on every rank).
+
+    The state is written to `.checkpoint-{step}.partial` and renamed into place once complete; older checkpoints
+    beyond `total_limit` are deleted only afterwards. Raises `NonFiniteError` before writing anything when one of
+    `params` (the trainable weights) is not finite.
+    """
+    if params and not all_finite(accelerator, *params):
+        raise NonFiniteError(f"Refusing to write checkpoint-{step}: the trainable weights contain NaN or inf.")
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    partial = os.path.join(output_dir, f".checkpoint-{step}.partial")
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(partial)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _fsync_tree(partial)
+        if os.path.exists(final):  # re-saving a step (after a resume): swap, never leave a gap
+            stale = os.path.join(output_dir, f".checkpoint-{step}.old")
+            shutil.rmtree(stale, ignore_errors=True)
+            os.rename(final, stale)
+            os.rename(partial, final)
+            shutil.rmtree(stale)
+        else:
+            os.rename(partial, final)
+        checkpoints = list_checkpoints(output_dir)
+        if total_limit is not None and len(checkpoints) > total_limit:
+            for old in checkpoints[: len(checkpoints) - total_limit]:
+                logger.info(f"Removing {old} (--checkpoints_total_limit {total_limit})")
+                shutil.rmtree(old)
+        logger.info(f"Saved state to {final}")
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resume_from_checkpoint(accelerator: Accelerator, output_dir: str, resume: str | None) -> int:
+    r"""
+    Restores the state of `resume` (`"latest"` or a checkpoint directory) and returns its optimizer step; 0 when
+    `resume` is `None` or `"latest"` finds no checkpoint. Leftovers of interrupted saves are removed.
+    """
+    if accelerator.is_main_process and os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            if name.startswith(".checkpoint-"):
+                shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    if resume is None:
+        return 0
+    if resume == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        if not checkpoints:
+            logger.info(f"No checkpoint in {output_dir}: starting a new run.")
+            return 0
+        path = checkpoints[-1]
+    else:
+        path = resume
+        match = _CHECKPOINT.fullmatch(os.path.basename(os.path.normpath(path)))
+        if not os.path.isdir(path) or match is None:
+            raise ValueError(
+                f"`--resume_from_checkpoint` must be 'latest' or a checkpoint-N directory, got {resume!r}."
+            )
+    logger.info(f"Resuming from {path}")
+    accelerator.load_state(path)
+    return int(os.path.basename(os.path.normpath(path)).split("-")[1])
+
+
+def register_checkpoint_hooks(accelerator: Accelerator, ema=None) -> None:
+    r"""
+    Makes `save_state` / `load_state` store only the trainable parameters of each prepared model (safetensors), plus
+    the EMA weights when `ema` (a diffusers `EMAModel`) is given, instead of whole frozen UNets and pickles.
+    """
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for i, model in enumerate(models):
+                named = accelerator.unwrap_model(model).named_parameters()
+                state = {n: p.detach().contiguous() for n, p in named if p.requires_grad}
+                save_file(state, os.path.join(output_dir, f"trainable_{i}.safetensors"))
+            if ema is not None:
+                ema_state = ema.state_dict()
+                shadow = ema_state.pop("shadow_params")
+                save_file({str(i): t.contiguous() for i, t in enumerate(shadow)}, f"{output_dir}/ema.safetensors")
+                with open(os.path.join(output_dir, "ema.json"), "w") as f:
+                    json.dump(ema_state, f)
+        weights.clear()
+
+    def load_hook(models, input_dir):
+        for i, model in enumerate(models):
+            state = load_file(os.path.join(input_dir, f"trainable_{i}.safetensors"))
+            unwrapped = accelerator.unwrap_model(model)
+            missing, unexpected = unwrapped.load_state_dict(state, strict=False)
+            trainable = {n for n, p in unwrapped.named_parameters() if p.requires_grad}
+            if unexpected or trainable & set(missing):
+                raise ValueError(f"{input_dir} does not match this run's trainable weights (model {i}).")
+        models.clear()
+        if ema is not None:
+            with open(os.path.join(input_dir, "ema.json")) as f:
+                ema_state = json.load(f)
+            shadow = load_file(os.path.join(input_dir, "ema.safetensors"))
+            ema_state["shadow_params"] = [shadow[str(i)] for i in range(len(shadow))]
+            ema.load_state_dict(ema_state)
+            ema.to(device=accelerator.device)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)

@@ -1,0 +1,254 @@
+#!/usr/bin/env python
+"""PG-SwiftBrush: data-free one-step distillation with proper guidance (SNOOPI, arXiv 2412.02687).
+
+Variational score distillation with three roles: the one-step student `G`, the frozen teacher and a LoRA fake score on
+the teacher's UNet. The teacher and the fake score use the **same** per-sample guidance scale `k ~ U(k_min, k_max)`
+(`--fixed_guidance_scale` gives the SwiftBrush baseline). Only prompts are needed. The losses live in
+`diffusers_onestep.losses.vsd`; the plumbing in `diffusers_onestep.training_utils`; this file reads top to bottom.
+
+    accelerate launch training/train_pg_swiftbrush.py --preset sd21-pgsb \
+        --train_prompts prompts.txt --output_dir sd21-pgsb --validation_prompts "a photo of a cat"
+
+Add `--student_lora_rank 64` for a LoRA student (teacher, fake score and student then share one frozen UNet).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field
+
+import torch
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+
+from diffusers_onestep.losses import Denoiser, PGSwiftBrushLoss, clamped_clip_loss, student_generate
+from diffusers_onestep.pipelines import OneStepPipeline
+from diffusers_onestep.pipelines.text_encoding import encode_prompt
+from diffusers_onestep.schedulers import ConsistencyStudentScheduler
+from diffusers_onestep.training_utils import (
+    FAKE_SCORE_ADAPTER,
+    AdapterView,
+    TrainingArguments,
+    build_distillation_unets,
+    clip_embeddings,
+    format_command,
+    guard_finite,
+    load_clip,
+    load_prompts,
+    load_teacher,
+    log_validation,
+    make_optimizer,
+    optimizer_step,
+    parse_args,
+    prompt_batches,
+    push_to_hub,
+    rank_slice,
+    register_checkpoint_hooks,
+    resume_from_checkpoint,
+    save_checkpoint,
+    save_model_card,
+    save_student,
+    setup_accelerator,
+    training_loop,
+    validate_training_args,
+    weight_dtype,
+)
+
+
+__all__ = ["PGSwiftBrushArguments", "main"]
+
+
+@dataclass
+class PGSwiftBrushArguments:
+    r"""PG-SB's own hyperparameters (METHODS.md section 2); defaults are the paper's for SD1.5 / SD2.1."""
+
+    fake_score_learning_rate: float = field(default=1e-3, metadata={"help": "Fake-score LoRA learning rate."})
+    fake_score_lora_rank: int = field(default=64, metadata={"help": "Fake-score LoRA rank."})
+    fake_score_lora_alpha: int = field(default=128, metadata={"help": "Fake-score LoRA alpha."})
+    fake_score_lora_target_modules: str = field(default="to_q,to_k,to_v,to_out.0", metadata={"help": "Its modules."})
+    guidance_scale_min: float = field(default=0.5, metadata={"help": "k_min of k ~ U(k_min, k_max)."})
+    guidance_scale_max: float = field(default=4.0, metadata={"help": "k_max (PixArt: 3)."})
+    fixed_guidance_scale: float | None = field(default=None, metadata={"help": "SwiftBrush baseline: one fixed k."})
+    min_timestep: int = field(default=20, metadata={"help": "Smallest t of the student loss."})
+    max_timestep: int = field(default=980, metadata={"help": "Largest t of the student loss."})
+    uncond_prob: float = field(default=0.1, metadata={"help": "Empty-prompt rate of the fake-score loss."})
+    clip_model_name_or_path: str | None = field(default=None, metadata={"help": "Enables the clamped CLIP loss."})
+    clip_loss_weight: float = field(default=0.1, metadata={"help": "Its weight, decayed linearly to 0."})
+    clip_loss_tau: float = field(default=0.37, metadata={"help": "Its clamp tau."})
+
+
+def main(argv: list[str] | None = None) -> OneStepPipeline | None:
+    r"""Trains a PG-SB student; returns the trained student as a `OneStepPipeline` on the main process."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, pg = parse_args((TrainingArguments, PGSwiftBrushArguments), argv)
+    validate_training_args(args)
+    guidance_range = (pg.guidance_scale_min, pg.guidance_scale_max)
+    loss_fn = PGSwiftBrushLoss(
+        guidance_range, pg.fixed_guidance_scale, True, pg.min_timestep, pg.max_timestep, pg.uncond_prob
+    )
+    prompts = load_prompts(args.train_prompts, args.prompt_column)
+
+    # Setup: accelerator, frozen teacher, student (full copy or LoRA) and LoRA fake score, optimizers
+    accelerator = setup_accelerator(args, find_unused_parameters=args.student_lora_rank > 0)
+    device, dtype = accelerator.device, weight_dtype(accelerator)
+    teacher = load_teacher(args.pretrained_teacher_model_name_or_path, args.revision, args.variant, dtype, device)
+    unets = build_distillation_unets(
+        teacher.unet, args.student_lora_rank, args.student_lora_alpha, args.student_lora_target_modules,
+        pg.fake_score_lora_rank, pg.fake_score_lora_alpha, pg.fake_score_lora_target_modules,
+        args.gradient_checkpointing, dtype,
+    )  # fmt: skip
+    scheduler = ConsistencyStudentScheduler.from_config(
+        teacher.scheduler.config, t_init=args.t_init, input_type=args.input_type
+    )
+    clip = load_clip(pg.clip_model_name_or_path, dtype, device) if pg.clip_model_name_or_path else None
+    vae_factor = 2 ** (len(teacher.vae.config.block_out_channels) - 1)
+    resolution = args.resolution or teacher.unet.config.sample_size * vae_factor
+    if resolution % vae_factor:
+        raise ValueError(f"`--resolution` must be a multiple of the VAE factor {vae_factor}, got {resolution}.")
+    latent_shape = (teacher.unet.config.in_channels, resolution // vae_factor, resolution // vae_factor)
+
+    adam = {"betas": (args.adam_beta1, args.adam_beta2), "weight_decay": args.adam_weight_decay}
+    adam.update(eps=args.adam_epsilon, use_8bit_adam=args.use_8bit_adam)
+    opt_student = make_optimizer(unets.student_parameters, args.learning_rate, **adam)
+    opt_fake = make_optimizer(unets.fake_score_parameters, pg.fake_score_learning_rate, **adam)
+    n = accelerator.num_processes  # prepared schedules step once per process (diffusers' convention)
+    schedules = [
+        get_scheduler(
+            args.lr_scheduler,
+            opt,
+            num_warmup_steps=args.lr_warmup_steps * n,
+            num_training_steps=args.max_train_steps * n,
+        )
+        for opt in (opt_student, opt_fake)
+    ]
+    models = [unets.student] if unets.shared else [unets.student, unets.teacher]
+    *models, opt_student, opt_fake, sched_student, sched_fake = accelerator.prepare(
+        *models, opt_student, opt_fake, *schedules
+    )
+    ema = EMAModel(unets.student_parameters, decay=args.ema_decay) if args.use_ema else None
+    register_checkpoint_hooks(accelerator, ema)
+    first_step = resume_from_checkpoint(accelerator, args.output_dir, args.resume_from_checkpoint)
+    if accelerator.is_main_process:
+        config = {k: v for k, v in {**asdict(args), **asdict(pg)}.items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers(
+            args.tracker_project_name, config={k: v for k, v in config.items() if "token" not in k}
+        )
+
+    # The three roles as x0 / eps denoisers. Grad passes go through the prepared (DDP) modules; no-grad passes use
+    # the unwrapped base. With a LoRA student all views are one UNet with adapters switched.
+    base_student, base_teacher = accelerator.unwrap_model(models[0]), accelerator.unwrap_model(models[-1])
+    student = AdapterView(models[0], unets.student_adapter, base=base_student)
+    acp, prediction_type = teacher.scheduler.alphas_cumprod.to(device), teacher.scheduler.config.prediction_type
+    teacher_score = Denoiser(AdapterView(base_teacher, None), acp, prediction_type)
+    fake_score = Denoiser(AdapterView(base_teacher, FAKE_SCORE_ADAPTER), acp, prediction_type)
+    fake_score_train = Denoiser(AdapterView(models[-1], FAKE_SCORE_ADAPTER, base=base_teacher), acp, prediction_type)
+    uncond_embeds = encode_prompt(teacher.tokenizer, teacher.text_encoder, [""], device, dtype=dtype)
+
+    def student_pipeline() -> OneStepPipeline:
+        AdapterView(base_student, unets.student_adapter).activate()
+        pipe = OneStepPipeline(teacher.vae, teacher.text_encoder, teacher.tokenizer, base_student, scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def validate(step: int) -> list[str]:
+        with accelerator.autocast():
+            _, path = log_validation(
+                student_pipeline(), args.validation_prompts, accelerator, step, args.output_dir, args.seed,
+                args.num_validation_images,
+            )  # fmt: skip
+        return [path]
+
+    trainable = unets.student_parameters + unets.fake_score_parameters
+    batches = prompt_batches(
+        prompts, args.train_batch_size * n, args.seed, start=first_step * args.gradient_accumulation_steps
+    )
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, trainable)
+
+    logs = {}
+    for step in training_loop(
+        accelerator, args, first_step, checkpoint, validate if args.validation_prompts else None
+    ):
+        # Randomness of the global batch from (seed, micro-step); this rank keeps its slice
+        g, batch_size = step.generator, args.train_batch_size * n
+        z = rank_slice(torch.randn(batch_size, *latent_shape, generator=g), accelerator).to(device)
+        eps = rank_slice(torch.randn(batch_size, *latent_shape, generator=g), accelerator).to(device)
+        t = rank_slice(torch.randint(pg.min_timestep, pg.max_timestep + 1, (batch_size,), generator=g), accelerator)
+        k = rank_slice(loss_fn.sample_guidance_scale(batch_size, generator=g), accelerator)
+        eps_fake = rank_slice(torch.randn(batch_size, *latent_shape, generator=g), accelerator).to(device)
+        t_fake = rank_slice(torch.randint(0, len(acp), (batch_size,), generator=g), accelerator)
+        drop = rank_slice(torch.rand(batch_size, generator=g) < pg.uncond_prob, accelerator)
+        batch_prompts = rank_slice(next(batches), accelerator)
+
+        with accelerator.accumulate(*models), accelerator.autocast():
+            prompt_embeds = encode_prompt(teacher.tokenizer, teacher.text_encoder, batch_prompts, device, dtype=dtype)
+            # 1. x0 = G(z, c): the student's one step at t_init
+            x0 = student_generate(student, scheduler, z, prompt_embeds)
+            # 2. x_t = a_t x0 + s_t eps, t ~ U{t_min..t_max}; teacher and fake score both guided with k ~ U(k_min, k_max)
+            # 3. student loss: gradient w(t) (e_teacher - e_fake) on x0, w(t) = s_t^2
+            loss_g, logs_g = loss_fn.generator_loss(
+                teacher_score, fake_score, x0, prompt_embeds, uncond_embeds, noise=eps, timesteps=t, guidance_scale=k
+            )
+            if clip is not None:  # optional clamped CLIP loss on the decoded image, weight decayed linearly to 0
+                image = teacher.vae.decode(x0.to(dtype) / teacher.vae.config.scaling_factor).sample
+                loss_clip = clamped_clip_loss(*clip_embeddings(*clip, image, batch_prompts), pg.clip_loss_tau).mean()
+                loss_g = loss_g + pg.clip_loss_weight * (1 - step.global_step / args.max_train_steps) * loss_clip
+                logs_g["loss_clip"] = loss_clip.detach()
+            if guard_finite(accelerator, step.global_step, args.nan_policy, loss_student=loss_g):
+                student.activate()  # gradient checkpointing re-runs the student's forward during backward
+                accelerator.backward(loss_g)
+            optimizer_step(
+                accelerator, opt_student, sched_student, unets.student_parameters, args.max_grad_norm,
+                step.global_step, args.nan_policy,
+            )  # fmt: skip
+            # 4. fake-score loss on stopgrad(x0): t ~ U{0..T-1}, empty prompt with probability 0.1
+            loss_f, logs_f = loss_fn.fake_score_loss(
+                fake_score_train, x0, prompt_embeds, uncond_embeds, noise=eps_fake, timesteps=t_fake, uncond_mask=drop
+            )
+            if guard_finite(accelerator, step.global_step, args.nan_policy, loss_fake_score=loss_f):
+                accelerator.backward(loss_f)
+            optimizer_step(
+                accelerator, opt_fake, sched_fake, unets.fake_score_parameters, args.max_grad_norm,
+                step.global_step, args.nan_policy,
+            )  # fmt: skip
+        # 5. alternate 1:1 (student update, then fake-score update); EMA of the student after its update
+        if accelerator.sync_gradients and ema is not None:
+            ema.step(unets.student_parameters)
+        step.logs.update(logs_g, **logs_f, lr=sched_student.get_last_lr()[0])
+        logs = step.logs
+
+    # Final save: OneStepPipeline directory or LoRA weights + scheduler, model card, optional Hub upload
+    accelerator.wait_for_everyone()
+    pipeline = None
+    if accelerator.is_main_process:
+        if ema is not None:
+            ema.copy_to(unets.student_parameters)
+        if any(not torch.isfinite(p).all() for p in unets.student_parameters):
+            raise FloatingPointError("The student's final weights are not finite; nothing was saved.")
+        save_student(
+            args.output_dir, base_student, scheduler, teacher, unets.student_adapter,
+            args.pretrained_teacher_model_name_or_path, args.revision, args.variant,
+        )  # fmt: skip
+        images = validate(args.max_train_steps) if args.validation_prompts else []
+        repo_id = args.hub_model_id or args.output_dir.rstrip("/").split("/")[-1]
+        hyperparameters = {k: getattr(args, k) for k in ("train_batch_size", "learning_rate", "max_train_steps")}
+        hyperparameters.update(fake_score_learning_rate=pg.fake_score_learning_rate, guidance_scale=guidance_range)
+        save_model_card(
+            args.output_dir, args.hub_base_model or args.pretrained_teacher_model_name_or_path,
+            "PG-SwiftBrush" if pg.fixed_guidance_scale is None else "SwiftBrush (fixed guidance)",
+            "[SNOOPI, arXiv 2412.02687](https://arxiv.org/abs/2412.02687)", "training/train_pg_swiftbrush.py",
+            format_command(argv, "training/train_pg_swiftbrush.py"), {k: float(v) for k, v in logs.items()},
+            hyperparameters, args.t_init, args.input_type, args.student_lora_rank, args.student_lora_alpha, repo_id,
+            [p.removeprefix(args.output_dir).lstrip("/") for p in images], tags=["pg-swiftbrush", "snoopi"],
+            **({"example_prompt": args.validation_prompts[0]} if args.validation_prompts else {}),
+        )  # fmt: skip
+        if args.push_to_hub:
+            push_to_hub(args.output_dir, repo_id, token=args.hub_token, private=args.hub_private)
+        pipeline = student_pipeline()
+    accelerator.end_training()
+    return pipeline
+
+
+if __name__ == "__main__":
+    main()

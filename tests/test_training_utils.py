@@ -1,0 +1,191 @@
+"""Unit tests of diffusers_onestep.training_utils: presets, prompt data, adapter switching, checkpoints, Hub helpers."""
+
+import json
+import os
+
+import pytest
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+
+from diffusers_onestep.testing_utils import get_dummy_components
+from diffusers_onestep.training_utils import (
+    FAKE_SCORE_ADAPTER,
+    STUDENT_ADAPTER,
+    AdapterView,
+    NonFiniteError,
+    TrainingArguments,
+    build_distillation_unets,
+    format_command,
+    list_checkpoints,
+    load_prompts,
+    parse_args,
+    prompt_batches,
+    register_checkpoint_hooks,
+    resume_from_checkpoint,
+    save_checkpoint,
+    validate_training_args,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_preset_defaults_are_overridden_by_explicit_flags():
+    (args,) = parse_args((TrainingArguments,), ["--preset", "sd21", "--learning_rate", "3e-6"], presets={"sd21": {
+        "learning_rate": 1e-6, "max_train_steps": 7, "pretrained_teacher_model_name_or_path": "org/sd21"}})  # fmt: skip
+    assert (args.learning_rate, args.max_train_steps) == (3e-6, 7)
+    assert args.pretrained_teacher_model_name_or_path == "org/sd21"
+    with pytest.raises(ValueError, match="does not define"):
+        parse_args((TrainingArguments,), ["--preset", "x"], presets={"x": {"not_a_flag": 1}})
+
+
+def test_validate_training_args_names_the_argument(tmp_path):
+    base = ["--pretrained_teacher_model_name_or_path=t", "--train_prompts=p.txt"]
+    for flag, match in [
+        ("--checkpoints_total_limit=0", "--checkpoints_total_limit"),
+        ("--train_batch_size=0", "--train_batch_size"),
+        ("--t_init=1000", "--t_init"),
+        ("--report_to=wandb", "--report_to wandb"),  # not installed here
+    ]:
+        (args,) = parse_args((TrainingArguments,), [*base, flag])
+        with pytest.raises(ValueError, match=match):
+            validate_training_args(args)
+
+
+def test_load_prompts_from_text_csv_json_and_dataset(tmp_path):
+    import datasets
+
+    (tmp_path / "p.txt").write_text("a cat\n\n  a dog \n")
+    assert load_prompts(str(tmp_path / "p.txt")) == ["a cat", "a dog"]
+    (tmp_path / "p.csv").write_text("id,caption\n1,a cat\n2,a dog\n")
+    assert load_prompts(str(tmp_path / "p.csv")) == ["a cat", "a dog"]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"text": t, "other": 1}) for t in ("x", "y")))
+    assert load_prompts(str(tmp_path / "p.jsonl"), column="text") == ["x", "y"]
+    with pytest.raises(ValueError, match="--prompt_column"):
+        load_prompts(str(tmp_path / "p.jsonl"), column="missing")
+    datasets.Dataset.from_dict({"prompt": ["u", "v"]}).save_to_disk(str(tmp_path / "ds"))
+    assert load_prompts(str(tmp_path / "ds")) == ["u", "v"]
+    (tmp_path / "p.pdf").write_text("x")
+    with pytest.raises(ValueError, match="--train_prompts"):
+        load_prompts(str(tmp_path / "p.pdf"))
+
+
+def test_prompt_batches_are_deterministic_resumable_and_rank_consistent():
+    prompts = [f"p{i}" for i in range(7)]
+    stream = prompt_batches(prompts, 4, seed=3)
+    first = [next(stream) for _ in range(6)]
+    resumed = prompt_batches(prompts, 4, seed=3, start=4)
+    assert [next(resumed) for _ in range(2)] == first[4:]
+    # every epoch is a permutation: each prompt once per 7 consecutive draws
+    flat = [p for batch in first for p in batch]
+    assert sorted(flat[:7]) == sorted(prompts) and sorted(flat[7:14]) == sorted(prompts)
+    assert first != [next(prompt_batches(prompts, 4, seed=4)) for _ in range(1)] * 6
+
+
+def _forward(view):
+    g = torch.Generator().manual_seed(0)
+    x, e = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 16, 32, generator=g)
+    return view(x, torch.tensor([10, 500]), encoder_hidden_states=e).sample
+
+
+def test_shared_base_switches_adapters_and_routes_gradients():
+    unet = get_dummy_components()["unet"]
+    with torch.no_grad():
+        reference = _forward(unet)
+    unets = build_distillation_unets(unet, 2, student_lora_alpha=4, fake_score_lora_rank=2, fake_score_lora_alpha=2)
+    assert unets.shared and unets.student is unets.teacher
+    base = [p for n, p in unets.teacher.named_parameters() if "lora_" not in n]
+    assert not any(p.requires_grad for p in base)
+    with torch.no_grad():  # make both adapters non-trivial
+        for p in unets.student_parameters + unets.fake_score_parameters:
+            p.add_(0.1 * torch.randn_like(p))
+    teacher, student = AdapterView(unets.teacher, None), AdapterView(unets.teacher, STUDENT_ADAPTER)
+    fake = AdapterView(unets.teacher, FAKE_SCORE_ADAPTER)
+    with torch.no_grad():
+        out_teacher, out_student, out_fake = _forward(teacher), _forward(student), _forward(fake)
+    torch.testing.assert_close(out_teacher, reference)  # adapters off: exactly the base UNet
+    assert not torch.allclose(out_student, out_teacher) and not torch.allclose(out_fake, out_student)
+
+    for view, trained, frozen in [
+        (student, unets.student_parameters, unets.fake_score_parameters),
+        (fake, unets.fake_score_parameters, unets.student_parameters),
+    ]:
+        unets.teacher.zero_grad(set_to_none=True)
+        _forward(view).square().mean().backward()
+        assert all(p.grad is not None for p in trained)
+        assert all(p.grad is None for p in frozen) and all(p.grad is None for p in base)
+        # peft's set_adapter would have switched the other adapter's requires_grad off
+        assert all(p.requires_grad for p in unets.student_parameters + unets.fake_score_parameters)
+
+
+def test_full_student_is_a_float32_copy_next_to_the_fake_score_adapter():
+    unet = get_dummy_components()["unet"]
+    unets = build_distillation_unets(unet, 0, fake_score_lora_rank=2, fake_score_lora_alpha=4, dtype=torch.bfloat16)
+    assert not unets.shared and unets.student is not unets.teacher
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in unets.student.parameters())
+    assert all(p.dtype == torch.float32 for p in unets.fake_score_parameters)
+    assert unets.teacher.conv_in.weight.dtype == torch.bfloat16 and not unets.teacher.conv_in.weight.requires_grad
+
+
+def test_checkpoints_are_atomic_limited_and_never_non_finite(tmp_path):
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    register_checkpoint_hooks(accelerator)
+    params = list(model.parameters())
+    for step in (1, 2, 3):
+        save_checkpoint(accelerator, str(tmp_path), step, total_limit=2, params=params)
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["checkpoint-2", "checkpoint-3"]
+    assert set(load_file(tmp_path / "checkpoint-3" / "trainable_0.safetensors")) == {"weight", "bias"}
+    saved = model.weight.detach().clone()
+
+    # a save killed half-way leaves a hidden partial directory that is neither listed nor resumed from
+    (tmp_path / ".checkpoint-4.partial").mkdir()
+    (tmp_path / ".checkpoint-4.partial" / "trainable_0.safetensors").write_bytes(b"truncated")
+    with torch.no_grad():
+        model.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match="checkpoint-4"):
+        save_checkpoint(accelerator, str(tmp_path), 4, total_limit=2, params=params)
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["checkpoint-2", "checkpoint-3"]
+    assert resume_from_checkpoint(accelerator, str(tmp_path), "latest") == 3
+    torch.testing.assert_close(model.weight.detach(), saved)
+    assert not (tmp_path / ".checkpoint-4.partial").exists()
+    with pytest.raises(ValueError, match="--resume_from_checkpoint"):
+        resume_from_checkpoint(accelerator, str(tmp_path), str(tmp_path / "nowhere"))
+    assert resume_from_checkpoint(accelerator, str(tmp_path / "empty"), "latest") == 0
+
+
+def test_format_command_hides_the_hub_token():
+    command = format_command(["--hub_token", "hf_abc", "--hub_token=hf_def", "--validation_prompts", "a cat"], "t.py")
+    assert "hf_abc" not in command and "hf_def" not in command
+    assert command == "accelerate launch t.py --hub_token *** --hub_token=*** --validation_prompts 'a cat'"
+
+
+def test_gradient_checkpointing_with_shared_base_needs_the_student_active_in_backward():
+    def student_grads(checkpointing: bool, reactivate: bool):
+        unet = get_dummy_components()["unet"]
+        unets = build_distillation_unets(unet, 2, 4, fake_score_lora_rank=2, gradient_checkpointing=checkpointing)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for p in unets.student_parameters + unets.fake_score_parameters:
+                p.add_(0.1 * torch.randn_like(p))
+        student = AdapterView(unets.teacher, STUDENT_ADAPTER)
+        loss = _forward(student).square().mean()
+        with torch.no_grad():  # the teacher / fake-score passes of the student step
+            _forward(AdapterView(unets.teacher, FAKE_SCORE_ADAPTER))
+        if reactivate:
+            student.activate()
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in unets.student_parameters])
+
+    expected = student_grads(checkpointing=False, reactivate=False)
+    torch.testing.assert_close(student_grads(checkpointing=True, reactivate=True), expected)
+    # without re-activation, checkpointing recomputes the student's blocks with the fake score's adapter
+    assert not torch.allclose(student_grads(checkpointing=True, reactivate=False), expected)

@@ -7,16 +7,31 @@ Every component is imported eagerly: diffusers resolves a `["diffusers_onestep",
 __version__ = "0.1.0.dev0"
 
 from .attention import NASAAttnProcessor, nasa_attention
-from .pipelines import OneStepPipeline, OneStepPipelineOutput
+from .pipelines import (
+    AdaptiveCollabPipeline,
+    AdaptiveCollabPipelineOutput,
+    CallableOracle,
+    CLIPScoreOracle,
+    ImageRewardOracle,
+    OneStepPipeline,
+    OneStepPipelineOutput,
+    Oracle,
+)
 from .schedulers import ConsistencyStudentScheduler, ConsistencyStudentSchedulerOutput
 
 
 __all__ = [
+    "AdaptiveCollabPipeline",
+    "AdaptiveCollabPipelineOutput",
+    "CLIPScoreOracle",
+    "CallableOracle",
     "ConsistencyStudentScheduler",
     "ConsistencyStudentSchedulerOutput",
+    "ImageRewardOracle",
     "NASAAttnProcessor",
     "OneStepPipeline",
     "OneStepPipelineOutput",
+    "Oracle",
     "__version__",
     "nasa_attention",
 ]

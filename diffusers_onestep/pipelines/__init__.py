@@ -1,5 +1,19 @@
+from .oracles import CallableOracle, CLIPScoreOracle, ImageRewardOracle, Oracle
+from .pipeline_adaptive_collab import AdaptiveCollabPipeline, AdaptiveCollabPipelineOutput
 from .pipeline_onestep import OneStepPipeline, OneStepPipelineOutput
 from .text_encoding import encode_prompt, repeat_embeddings, tokenize_prompt
 
 
-__all__ = ["OneStepPipeline", "OneStepPipelineOutput", "encode_prompt", "repeat_embeddings", "tokenize_prompt"]
+__all__ = [
+    "AdaptiveCollabPipeline",
+    "AdaptiveCollabPipelineOutput",
+    "CLIPScoreOracle",
+    "CallableOracle",
+    "ImageRewardOracle",
+    "OneStepPipeline",
+    "OneStepPipelineOutput",
+    "Oracle",
+    "encode_prompt",
+    "repeat_embeddings",
+    "tokenize_prompt",
+]

@@ -23,6 +23,7 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 
@@ -156,7 +157,9 @@ def add_lora_adapter(
 class AdapterView:
     r"""
     A callable view of a (possibly DDP-wrapped) UNet with one adapter active (`adapter_name`) or all adapters off
-    (`adapter_name=None`, the teacher). It exposes `dtype`, so `Denoiser` and `student_generate` accept it.
+    (`adapter_name=None`, the teacher). It exposes `dtype` (read once, at construction), so `Denoiser` and
+    `student_generate` accept it. Switching touches only the LoRA layers (found once per set of adapters) and leaves
+    `requires_grad` of every adapter parameter as it was.
 
     Args:
         model (`torch.nn.Module`): what is called (the prepared module when gradients must sync under DDP).
@@ -166,28 +169,33 @@ class AdapterView:
 
     def __init__(self, model, adapter_name: str | None, base: UNet2DConditionModel | None = None):
         self.model, self.adapter_name, self.base = model, adapter_name, base if base is not None else model
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.base.dtype
+        self.dtype = self.base.dtype
 
     def activate(self) -> None:
         r"""Makes this view's adapter state current on `base` (a no-op when it already is)."""
         base = self.base
-        if (
-            not getattr(base, "_hf_peft_config_loaded", False)
-            or getattr(base, "_onestep_adapter", 0) == self.adapter_name
-        ):
+        if not getattr(base, "_hf_peft_config_loaded", False):
             return
-        requires_grad = [p.requires_grad for p in base.parameters()]
-        if self.adapter_name is None:
-            base.disable_adapters()
-        else:
-            base.enable_adapters()
-            base.set_adapter(self.adapter_name)
-        for p, flag in zip(base.parameters(), requires_grad):
+        adapters = tuple(base.peft_config)
+        cache = base.__dict__.get("_onestep_adapter_state")
+        if cache is None or cache["adapters"] != adapters:
+            layers = [m for m in base.modules() if isinstance(m, BaseTunerLayer)]
+            params = [p for layer in layers for name, p in layer.named_parameters() if "base_layer" not in name]
+            cache = {"adapters": adapters, "layers": layers, "params": params, "active": object()}
+            base.__dict__["_onestep_adapter_state"] = cache
+        if cache["active"] == self.adapter_name:
+            return
+        requires_grad = [p.requires_grad for p in cache["params"]]
+        for layer in cache["layers"]:  # what diffusers' set_adapter / disable_adapters do, on the LoRA layers only
+            if self.adapter_name is None:
+                layer.enable_adapters(False)
+            else:
+                if layer.disable_adapters:
+                    layer.enable_adapters(True)
+                layer.set_adapter(self.adapter_name)
+        for p, flag in zip(cache["params"], requires_grad):
             p.requires_grad_(flag)
-        base._onestep_adapter = self.adapter_name
+        cache["active"] = self.adapter_name
 
     def __call__(self, *args, **kwargs):
         self.activate()

@@ -1,0 +1,261 @@
+"""PG-SwiftBrush training cost: step overhead and memory of the shared-base LoRA mode against the full student.
+
+1. Iteration time of the real script (`training/train_pg_swiftbrush.py`, timed between the loop's steps) divided by
+   the sum of the passes one iteration needs, each timed alone on the same UNet: student forward+backward, teacher
+   forward with CFG (2B), fake score forward with CFG (2B), fake score forward+backward. Physical limit: about 1.00
+   (the rest is optimizer steps, clipping, prompt encoding, adapter switching).
+2. Peak memory of a run with a LoRA student (teacher, fake score and student on one frozen UNet) and with a full
+   student (trainable copy + Adam states next to the teacher), each in a fresh process: CUDA peak allocated memory,
+   or on CPU the peak resident set (VmHWM) above the process's size before the run.
+
+    python benchmarks/bench_training.py                  # CPU, a 16M-parameter UNet, a few minutes on 2 cores
+    python benchmarks/bench_training.py --device cuda --unet sd15   # Stable Diffusion 1.5's UNet shape, random weights
+
+Figures are printed last as `name: value` lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "training" / "train_pg_swiftbrush.py"
+_SMALL_BLOCKS = {
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+}
+_SD15_BLOCKS = {
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+}
+UNETS = {
+    "small": {"block_out_channels": (64, 128, 256), "layers_per_block": 1, "attention_head_dim": 8,
+              "norm_num_groups": 8, "sample_size": 16, "cross_attention_dim": 32, **_SMALL_BLOCKS},
+    "sd15": {"block_out_channels": (320, 640, 1280, 1280), "layers_per_block": 2, "attention_head_dim": 8,
+             "sample_size": 64, "cross_attention_dim": 768, **_SD15_BLOCKS},
+}  # fmt: skip
+
+
+def build_teacher(path: str, unet_size: str) -> None:
+    r"""A Stable-Diffusion-format teacher: tiny VAE / text encoder / tokenizer, a UNet of the chosen shape."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from diffusers_onestep.testing_utils import get_dummy_teacher_components
+
+    config = UNETS[unet_size]
+    components = get_dummy_teacher_components(cross_attention_dim=config["cross_attention_dim"])
+    torch.manual_seed(0)
+    components["unet"] = UNet2DConditionModel(in_channels=4, out_channels=4, **config)
+    StableDiffusionPipeline(**components).save_pretrained(path, safe_serialization=True)
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("train_pg_swiftbrush", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def script_argv(teacher: str, output_dir: str, args, lora: bool, steps: int) -> list[str]:
+    argv = [
+        f"--pretrained_teacher_model_name_or_path={teacher}",
+        f"--train_prompts={output_dir}/prompts.txt",
+        f"--output_dir={output_dir}",
+        f"--train_batch_size={args.batch_size}",
+        f"--max_train_steps={steps}",
+        "--checkpointing_steps=100000",
+        "--report_to=none",
+        "--mixed_precision=no",
+        "--seed=0",
+        f"--fake_score_lora_rank={args.fake_score_lora_rank}",
+        f"--fake_score_lora_alpha={2 * args.fake_score_lora_rank}",
+    ]
+    if lora:
+        argv += [f"--student_lora_rank={args.student_lora_rank}", "--learning_rate=1e-4"]
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    Path(output_dir, "prompts.txt").write_text("a photo of a cat\na photo of a dog\nthe digit seven\n")
+    return argv
+
+
+def time_iterations(script, teacher: str, args, lora: bool) -> float:
+    r"""Median seconds per iteration of the real script, measured between consecutive steps of its loop."""
+    stamps = []
+    original = script.training_loop
+
+    def timed_loop(*a, **k):
+        for step in original(*a, **k):
+            stamps.append(time.perf_counter())
+            yield step
+        stamps.append(time.perf_counter())
+
+    script.training_loop = timed_loop
+    with tempfile.TemporaryDirectory() as out:
+        script.main(script_argv(teacher, out, args, lora, args.warmup + args.steps))
+    script.training_loop = original
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    deltas = sorted(b - a for a, b in zip(stamps[args.warmup :], stamps[args.warmup + 1 :]))
+    return deltas[len(deltas) // 2]
+
+
+def time_passes(teacher_path: str, args, lora: bool) -> dict[str, float]:
+    r"""Median seconds of each pass of one PG-SB iteration, timed alone on the same UNets."""
+    from diffusers_onestep.losses import Denoiser, student_generate
+    from diffusers_onestep.schedulers import ConsistencyStudentScheduler
+    from diffusers_onestep.training_utils import (
+        FAKE_SCORE_ADAPTER,
+        AdapterView,
+        build_distillation_unets,
+        load_teacher,
+    )
+
+    device = torch.device(args.device)
+    teacher = load_teacher(teacher_path, device=device)
+    rank = args.student_lora_rank if lora else 0
+    unets = build_distillation_unets(
+        teacher.unet, rank, fake_score_lora_rank=args.fake_score_lora_rank, fake_score_lora_alpha=8
+    )
+    scheduler = ConsistencyStudentScheduler.from_config(teacher.scheduler.config, t_init=999)
+    acp = teacher.scheduler.alphas_cumprod.to(device)
+    student = AdapterView(unets.student, unets.student_adapter)
+    teacher_d = Denoiser(AdapterView(unets.teacher, None), acp)
+    fake_d = Denoiser(AdapterView(unets.teacher, FAKE_SCORE_ADAPTER), acp)
+    size = unets.teacher.config.sample_size
+    b = args.batch_size
+    z = torch.randn(b, 4, size, size, device=device)
+    embeds = torch.randn(b, 16, unets.teacher.config.cross_attention_dim, device=device)
+    t = torch.full((b,), 500, device=device)
+
+    def student_pass():
+        student_generate(student, scheduler, z, embeds).square().mean().backward()
+
+    def teacher_pass():
+        with torch.no_grad():
+            teacher_d(z, t, embeds, torch.full((b,), 2.0), embeds)
+
+    def fake_pass():
+        with torch.no_grad():
+            fake_d(z, t, embeds, torch.full((b,), 2.0), embeds)
+
+    def fake_train_pass():
+        fake_d(z, t, embeds).eps.square().mean().backward()
+
+    timings = {}
+    for name, fn in [("student_fwd_bwd", student_pass), ("teacher_cfg_fwd", teacher_pass)]:
+        timings[name] = _median_time(fn, args)
+    timings["fake_score_cfg_fwd"] = _median_time(fake_pass, args)
+    timings["fake_score_fwd_bwd"] = _median_time(fake_train_pass, args)
+    return timings
+
+
+def _median_time(fn, args) -> float:
+    samples = []
+    for i in range(args.warmup + args.steps):
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        if i >= args.warmup:
+            samples.append(time.perf_counter() - start)
+    return sorted(samples)[len(samples) // 2]
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024  # kB
+
+
+def _reset_peak_rss() -> None:
+    # VmHWM is per address space (ru_maxrss is not: a child started from a big parent inherits the parent's peak)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def measure_memory(teacher: str, args, lora: bool) -> float:
+    r"""Peak memory (MiB) of a short run; called in a fresh process (`--_memory_mode`)."""
+    script = load_script()
+    with tempfile.TemporaryDirectory() as out:
+        argv = script_argv(teacher, out, args, lora, 2)
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            script.main(argv)
+            return torch.cuda.max_memory_allocated() / 2**20
+        _reset_peak_rss()
+        before = _status_mib("VmRSS")
+        script.main(argv)
+        return _status_mib("VmHWM") - before
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--unet", default="small", choices=sorted(UNETS))
+    parser.add_argument("--batch_size", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5, help="timed iterations")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--student_lora_rank", type=int, default=16)
+    parser.add_argument("--fake_score_lora_rank", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 is steadiest on a shared machine)")
+    parser.add_argument("--teacher", default=None, help="an existing teacher directory (skips building one)")
+    parser.add_argument("--_memory_mode", choices=["lora", "full"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    if args._memory_mode:
+        print(json.dumps({"peak_mib": measure_memory(args.teacher, args, args._memory_mode == "lora")}))
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher = args.teacher or os.path.join(tmp, "teacher")
+        if args.teacher is None:
+            build_teacher(teacher, args.unet)
+        results = {}
+        script = load_script()
+        for mode in ("full", "lora"):
+            iteration = time_iterations(script, teacher, args, lora=mode == "lora")
+            passes = time_passes(teacher, args, lora=mode == "lora")
+            results[mode] = (iteration, passes)
+        memory = {}
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        for mode in ("full", "lora"):
+            cmd = [sys.executable, __file__, f"--_memory_mode={mode}", f"--teacher={teacher}"]
+            cmd += [f"--device={args.device}", f"--batch_size={args.batch_size}", f"--threads={args.threads}"]
+            cmd += [f"--student_lora_rank={args.student_lora_rank}"]
+            cmd += [f"--fake_score_lora_rank={args.fake_score_lora_rank}"]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+            memory[mode] = json.loads(out.strip().splitlines()[-1])["peak_mib"]
+
+    print(f"\ndevice={args.device} unet={args.unet} batch_size={args.batch_size} threads={args.threads}")
+    for mode, (iteration, passes) in results.items():
+        print(f"[{mode}] passes alone: " + ", ".join(f"{k}={v * 1e3:.1f} ms" for k, v in passes.items()))
+    print()
+    for mode, (iteration, passes) in results.items():
+        print(f"pgsb_{mode}_iteration_ms: {iteration * 1e3:.1f}")
+        print(f"pgsb_{mode}_passes_sum_ms: {sum(passes.values()) * 1e3:.1f}")
+        print(f"pgsb_{mode}_iteration_over_passes: {iteration / sum(passes.values()):.3f}")
+    print(f"peak_memory_lora_shared_mib: {memory['lora']:.1f}")
+    print(f"peak_memory_full_student_mib: {memory['full']:.1f}")
+    print(f"peak_memory_lora_over_full: {memory['lora'] / memory['full']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -28,14 +28,6 @@ from diffusers_onestep.training_utils import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_preset_defaults_are_overridden_by_explicit_flags():
     (args,) = parse_args((TrainingArguments,), ["--preset", "sd21", "--learning_rate", "3e-6"], presets={"sd21": {
         "learning_rate": 1e-6, "max_train_steps": 7, "pretrained_teacher_model_name_or_path": "org/sd21"}})  # fmt: skip

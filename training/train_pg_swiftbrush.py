@@ -29,10 +29,10 @@ from diffusers_onestep.training_utils import (
     FAKE_SCORE_ADAPTER,
     AdapterView,
     TrainingArguments,
+    backward_if_finite,
     build_distillation_unets,
     clip_embeddings,
     format_command,
-    guard_finite,
     load_clip,
     load_prompts,
     load_teacher,
@@ -92,6 +92,11 @@ def main(argv: list[str] | None = None) -> OneStepPipeline | None:
     accelerator = setup_accelerator(args, find_unused_parameters=args.student_lora_rank > 0)
     device, dtype = accelerator.device, weight_dtype(accelerator)
     teacher = load_teacher(args.pretrained_teacher_model_name_or_path, args.revision, args.variant, dtype, device)
+    vae_factor = 2 ** (len(teacher.vae.config.block_out_channels) - 1)
+    resolution = args.resolution or teacher.unet.config.sample_size * vae_factor
+    if resolution % vae_factor:
+        raise ValueError(f"`--resolution` must be a multiple of the VAE factor {vae_factor}, got {resolution}.")
+    latent_shape = (teacher.unet.config.in_channels, resolution // vae_factor, resolution // vae_factor)
     unets = build_distillation_unets(
         teacher.unet, args.student_lora_rank, args.student_lora_alpha, args.student_lora_target_modules,
         pg.fake_score_lora_rank, pg.fake_score_lora_alpha, pg.fake_score_lora_target_modules,
@@ -101,11 +106,6 @@ def main(argv: list[str] | None = None) -> OneStepPipeline | None:
         teacher.scheduler.config, t_init=args.t_init, input_type=args.input_type
     )
     clip = load_clip(pg.clip_model_name_or_path, dtype, device) if pg.clip_model_name_or_path else None
-    vae_factor = 2 ** (len(teacher.vae.config.block_out_channels) - 1)
-    resolution = args.resolution or teacher.unet.config.sample_size * vae_factor
-    if resolution % vae_factor:
-        raise ValueError(f"`--resolution` must be a multiple of the VAE factor {vae_factor}, got {resolution}.")
-    latent_shape = (teacher.unet.config.in_channels, resolution // vae_factor, resolution // vae_factor)
 
     adam = {"betas": (args.adam_beta1, args.adam_beta2), "weight_decay": args.adam_weight_decay}
     adam.update(eps=args.adam_epsilon, use_8bit_adam=args.use_8bit_adam)
@@ -195,9 +195,8 @@ def main(argv: list[str] | None = None) -> OneStepPipeline | None:
                 loss_clip = clamped_clip_loss(*clip_embeddings(*clip, image, batch_prompts), pg.clip_loss_tau).mean()
                 loss_g = loss_g + pg.clip_loss_weight * (1 - step.global_step / args.max_train_steps) * loss_clip
                 logs_g["loss_clip"] = loss_clip.detach()
-            if guard_finite(accelerator, step.global_step, args.nan_policy, loss_student=loss_g):
-                student.activate()  # gradient checkpointing re-runs the student's forward during backward
-                accelerator.backward(loss_g)
+            student.activate()  # gradient checkpointing re-runs the student's forward during backward
+            backward_if_finite(accelerator, loss_g, step.global_step, args.nan_policy, "loss_student")
             optimizer_step(
                 accelerator, opt_student, sched_student, unets.student_parameters, args.max_grad_norm,
                 step.global_step, args.nan_policy,
@@ -206,8 +205,7 @@ def main(argv: list[str] | None = None) -> OneStepPipeline | None:
             loss_f, logs_f = loss_fn.fake_score_loss(
                 fake_score_train, x0, prompt_embeds, uncond_embeds, noise=eps_fake, timesteps=t_fake, uncond_mask=drop
             )
-            if guard_finite(accelerator, step.global_step, args.nan_policy, loss_fake_score=loss_f):
-                accelerator.backward(loss_f)
+            backward_if_finite(accelerator, loss_f, step.global_step, args.nan_policy, "loss_fake_score")
             optimizer_step(
                 accelerator, opt_fake, sched_fake, unets.fake_score_parameters, args.max_grad_norm,
                 step.global_step, args.nan_policy,
@@ -240,7 +238,7 @@ def main(argv: list[str] | None = None) -> OneStepPipeline | None:
             "[SNOOPI, arXiv 2412.02687](https://arxiv.org/abs/2412.02687)", "training/train_pg_swiftbrush.py",
             format_command(argv, "training/train_pg_swiftbrush.py"), {k: float(v) for k, v in logs.items()},
             hyperparameters, args.t_init, args.input_type, args.student_lora_rank, args.student_lora_alpha, repo_id,
-            [p.removeprefix(args.output_dir).lstrip("/") for p in images], tags=["pg-swiftbrush", "snoopi"],
+            images, tags=["pg-swiftbrush", "snoopi"],
             **({"example_prompt": args.validation_prompts[0]} if args.validation_prompts else {}),
         )  # fmt: skip
         if args.push_to_hub:

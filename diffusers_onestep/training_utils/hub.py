@@ -116,29 +116,34 @@ def save_model_card(
     Writes `output_dir/README.md` from the model-card template (`model_cards/onestep_student.md` by default).
 
     Args:
-        base_model (`str`): the teacher's Hub id (recorded as `base_model`).
+        base_model (`str`): the teacher's Hub id, recorded as `base_model` (a local path is shown but not recorded).
         method_name, paper, script, command (`str`): what was trained, how (use `format_command`).
         metrics (`dict`): final logged values. hyperparameters (`dict`): settings shown in a table.
         t_init, input_type: the student's scheduler settings, used in the usage snippet.
         lora_rank, lora_alpha: the LoRA student's rank and alpha (`lora_rank=0`: full student).
         repo_id (`str`, *optional*): the Hub repository (defaults to `output_dir`'s name).
-        validation_images (`list[str]`, *optional*): image paths relative to `output_dir`.
+        validation_images (`list[str]`, *optional*): images inside `output_dir` to show.
         tags (`list[str]`, *optional*): extra tags.
 
     Returns:
         The `huggingface_hub.ModelCard`.
     """
     lora = lora_rank > 0
+    is_hub_id = not os.path.exists(base_model)
+    if not is_hub_id:
+        logger.warning(
+            f"The teacher {base_model!r} is a local path, which is not valid `base_model` metadata on the Hub: "
+            "pass `--hub_base_model <hub id>` to record where it comes from."
+        )
     tags = ["text-to-image", "diffusers", "diffusers-onestep", "one-step", "distillation", *(tags or [])]
     tags += ["lora"] if lora else []
     card_data = ModelCardData(
         library_name="diffusers",
         pipeline_tag="text-to-image",
-        base_model=base_model,
+        base_model=base_model if is_hub_id else None,
         tags=list(dict.fromkeys(tags)),
         model_name=repo_id or Path(output_dir).name,
     )
-    is_hub_id = not os.path.exists(base_model)
     card = ModelCard.from_template(
         card_data,
         template_path=str(template or MODEL_CARD_DIR / "onestep_student.md"),
@@ -157,7 +162,7 @@ def save_model_card(
         lora=lora,
         lora_rank=lora_rank,
         lora_alpha=lora_alpha or lora_rank,
-        validation_images=validation_images or [],
+        validation_images=[os.path.relpath(p, output_dir) for p in validation_images or []],
         example_prompt=example_prompt,
     )
     card.save(os.path.join(output_dir, "README.md"))

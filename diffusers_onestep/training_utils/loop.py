@@ -26,6 +26,7 @@ __all__ = [
     "LoopStep",
     "NonFiniteError",
     "all_finite",
+    "backward_if_finite",
     "guard_finite",
     "list_checkpoints",
     "optimizer_step",
@@ -79,6 +80,19 @@ def guard_finite(accelerator: Accelerator, step: int, nan_policy: str = "raise",
         raise NonFiniteError(message + " Pass --nan_policy skip to skip such steps instead.")
     logger.warning(message + " Skipping the step (--nan_policy skip).")
     return False
+
+
+def backward_if_finite(
+    accelerator: Accelerator, loss: torch.Tensor, step: int, nan_policy: str = "raise", name: str = "loss"
+) -> bool:
+    r"""
+    `accelerator.backward(loss)` when `loss` is finite on every rank (see `guard_finite`). A skipped step still runs
+    a backward of `nan_to_num(loss) * 0`, because under DDP every forward through a prepared module needs its
+    backward; non-finite gradients it may leave are then dropped by `optimizer_step`.
+    """
+    finite = guard_finite(accelerator, step, nan_policy, **{name: loss})
+    accelerator.backward(loss if finite else torch.nan_to_num(loss) * 0.0)
+    return finite
 
 
 def optimizer_step(

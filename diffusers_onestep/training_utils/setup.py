@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from dataclasses import dataclass
 
 import diffusers
@@ -146,7 +147,9 @@ def add_lora_adapter(
     if not targets:
         raise ValueError(f"The LoRA target modules of adapter {adapter_name!r} are empty.")
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=targets)
-    unet.add_adapter(config, adapter_name=adapter_name)
+    with warnings.catch_warnings():  # several adapters on one base is the point here (ARCHITECTURE.md rule 6)
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        unet.add_adapter(config, adapter_name=adapter_name)
     params = [p for name, p in unet.named_parameters() if f".{adapter_name}." in name]
     for p in params:
         p.requires_grad_(True)

@@ -33,6 +33,16 @@ def _expand(embeds: torch.Tensor, batch_size: int) -> torch.Tensor:
     return embeds.expand(batch_size, *embeds.shape[1:]) if embeds.shape[0] == 1 else embeds
 
 
+def _noise_and_timesteps(x0, noise, timesteps, low: int, high: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The given `noise` / `timesteps`, or draws from `generator`: `eps ~ N(0, I)`, `t ~ U{low..high}`."""
+    device = generator.device if generator is not None else "cpu"
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device=device)
+    if timesteps is None:
+        timesteps = torch.randint(low, high + 1, (x0.shape[0],), generator=generator, device=device)
+    return noise.to(x0.device).float(), timesteps.to(x0.device).long()
+
+
 class PGSwiftBrushLoss:
     r"""
     The two players of PG-SB: `generator_loss` for the student, `fake_score_loss` for the LoRA fake score.
@@ -108,25 +118,18 @@ class PGSwiftBrushLoss:
         Returns:
             `(loss, logs)`: the batch-mean loss and detached values to log.
         """
-        batch_size = x0.shape[0]
-        num_train_timesteps = teacher.alphas_cumprod.shape[0]
+        batch_size, num_train_timesteps = x0.shape[0], teacher.alphas_cumprod.shape[0]
         if self.max_timestep >= num_train_timesteps:
             raise ValueError(f"`max_timestep` must be < {num_train_timesteps}, got {self.max_timestep}.")
-        gen_device = generator.device if generator is not None else "cpu"
-        if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, device=gen_device).to(x0.device)
-        if timesteps is None:
-            timesteps = torch.randint(
-                self.min_timestep, self.max_timestep + 1, (batch_size,), generator=generator, device=gen_device
-            )
+        noise, timesteps = _noise_and_timesteps(x0, noise, timesteps, self.min_timestep, self.max_timestep, generator)
         if guidance_scale is None:
             guidance_scale = self.sample_guidance_scale(batch_size, x0.device, generator)
-        timesteps, guidance_scale = timesteps.to(x0.device).long(), guidance_scale.to(x0.device).float()
+        guidance_scale = guidance_scale.to(x0.device).float()
         uncond = _expand(uncond_prompt_embeds, batch_size)
 
         # 1. diffuse the student's sample: x_t = a_t x0 + s_t eps
         alpha, sigma = alpha_sigma(teacher.alphas_cumprod.to(x0.device), timesteps, x0.ndim)
-        x_t = alpha * x0.detach().float() + sigma * noise.float()
+        x_t = alpha * x0.detach().float() + sigma * noise
         # 2. teacher and fake score with the same guidance scale k (PG-SB), without gradient
         with torch.no_grad():
             eps_teacher = teacher(x_t, timesteps, prompt_embeds, guidance_scale, uncond).eps
@@ -171,24 +174,20 @@ class PGSwiftBrushLoss:
         Returns:
             `(loss, logs)`.
         """
-        x0 = x0.detach().float()
-        batch_size = x0.shape[0]
-        num_train_timesteps = fake_score.alphas_cumprod.shape[0]
-        gen_device = generator.device if generator is not None else "cpu"
-        if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, device=gen_device).to(x0.device)
-        if timesteps is None:
-            timesteps = torch.randint(0, num_train_timesteps, (batch_size,), generator=generator, device=gen_device)
+        x0, batch_size = x0.detach().float(), x0.shape[0]
+        last = fake_score.alphas_cumprod.shape[0] - 1
+        noise, timesteps = _noise_and_timesteps(x0, noise, timesteps, 0, last, generator)
         if uncond_mask is None:
-            uncond_mask = torch.rand(batch_size, generator=generator, device=gen_device) < self.uncond_prob
-        timesteps, uncond_mask = timesteps.to(x0.device).long(), uncond_mask.to(x0.device).bool()
+            uncond_mask = torch.rand(batch_size, generator=generator, device=generator.device if generator else "cpu")
+            uncond_mask = uncond_mask < self.uncond_prob
+        uncond_mask = uncond_mask.to(x0.device).bool()
         embeds = torch.where(uncond_mask[:, None, None], _expand(uncond_prompt_embeds, batch_size), prompt_embeds)
 
         alpha, sigma = alpha_sigma(fake_score.alphas_cumprod.to(x0.device), timesteps, x0.ndim)
-        x_t = alpha * x0 + sigma * noise.float()
+        x_t = alpha * x0 + sigma * noise
         eps_fake = fake_score(x_t, timesteps, embeds).eps
         # abar_t-weighted epsilon MSE: mse(a_t e_pi, a_t eps)
-        loss = F.mse_loss(alpha * eps_fake, alpha * noise.float(), reduction="mean")
+        loss = F.mse_loss(alpha * eps_fake, alpha * noise, reduction="mean")
         return loss, {"loss_fake_score": loss.detach()}
 
 

@@ -144,9 +144,12 @@ def save_model_card(
         tags=list(dict.fromkeys(tags)),
         model_name=repo_id or Path(output_dir).name,
     )
+    template = Path(template or MODEL_CARD_DIR / "onestep_student.md")
+    if not template.is_file():
+        raise FileNotFoundError(f"Model-card template {template} not found: pass `template=` (see model_cards/).")
     card = ModelCard.from_template(
         card_data,
-        template_path=str(template or MODEL_CARD_DIR / "onestep_student.md"),
+        template_path=str(template),
         model_name=repo_id or Path(output_dir).name,
         repo_id=repo_id or Path(output_dir).name,
         base_model=base_model,

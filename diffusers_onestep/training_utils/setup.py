@@ -116,8 +116,8 @@ def load_teacher(
         config = UNet2DConditionModel.load_config(path, subfolder="unet", revision=revision)
     except OSError as error:
         raise ValueError(
-            f"`--pretrained_teacher_model_name_or_path` {path!r} has no `unet/` folder: pass a Stable-Diffusion-like "
-            "diffusers checkpoint (UNet2DConditionModel + CLIP text encoder + VAE)."
+            f"`--pretrained_teacher_model_name_or_path`: could not read `unet/config.json` from {path!r} ({error}). "
+            "Pass a Stable-Diffusion-like diffusers directory or Hub id (UNet2DConditionModel, CLIP text encoder, VAE)."
         ) from error
     if config.get("_class_name") != "UNet2DConditionModel":
         raise ValueError(

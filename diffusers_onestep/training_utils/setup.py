@@ -184,21 +184,31 @@ class AdapterView:
         if cache is None or cache["adapters"] != adapters:
             layers = [m for m in base.modules() if isinstance(m, BaseTunerLayer)]
             params = [p for layer in layers for name, p in layer.named_parameters() if "base_layer" not in name]
-            cache = {"adapters": adapters, "layers": layers, "params": params, "active": object()}
+            direct = all(hasattr(m, "_active_adapter") and hasattr(m, "_disable_adapters") for m in layers)
+            cache = {"adapters": adapters, "layers": layers, "params": params, "direct": direct}
             base.__dict__["_onestep_adapter_state"] = cache
-        if cache["active"] == self.adapter_name:
+        name, first = self.adapter_name, cache["layers"][0] if cache["layers"] else None
+        if (
+            first is None
+            or (first.disable_adapters and name is None)
+            or (not first.disable_adapters and first.active_adapters == [name])
+        ):  # already current (read from the layers, so a switch made elsewhere is noticed)
             return
-        requires_grad = [p.requires_grad for p in cache["params"]]
-        for layer in cache["layers"]:  # what diffusers' set_adapter / disable_adapters do, on the LoRA layers only
-            if self.adapter_name is None:
-                layer.enable_adapters(False)
-            else:
-                if layer.disable_adapters:
-                    layer.enable_adapters(True)
-                layer.set_adapter(self.adapter_name)
-        for p, flag in zip(cache["params"], requires_grad):
-            p.requires_grad_(flag)
-        cache["active"] = self.adapter_name
+        if cache["direct"]:
+            # peft's own layer state, set directly: what `set_adapter` / `enable_adapters` end with, without
+            # rewriting `requires_grad` on every adapter
+            for layer in cache["layers"]:
+                layer._disable_adapters = name is None
+                if name is not None:
+                    layer._active_adapter = [name]
+        else:  # the public path, then `requires_grad` restored
+            requires_grad = [p.requires_grad for p in cache["params"]]
+            for layer in cache["layers"]:
+                layer.enable_adapters(name is not None)
+                if name is not None:
+                    layer.set_adapter(name)
+            for p, flag in zip(cache["params"], requires_grad):
+                p.requires_grad_(flag)
 
     def __call__(self, *args, **kwargs):
         self.activate()

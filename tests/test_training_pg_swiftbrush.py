@@ -262,7 +262,15 @@ def test_two_cpu_ranks_match_single_process(script, tiny_teacher_dir, prompts_fi
     script.main(single)  # one process, global batch 2
     ddp = _argv(tiny_teacher_dir, prompts_file, tmp_path / "ddp", *common)
     ddp = [a.replace("--train_batch_size=2", "--train_batch_size=1") for a in ddp]  # two ranks x 1
-    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes=2", "--num_machines=1"]
+    # `accelerate launch` through this interpreter (the CLI need not be on PATH)
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes=2",
+        "--num_machines=1",
+    ]
     launch += ["--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={_free_port()}"]
     env = {**SUBPROCESS_ENV, "ACCELERATE_USE_CPU": "1"}
     result = subprocess.run([*launch, str(SCRIPT), *ddp], env=env, cwd=tmp_path, capture_output=True, text=True)

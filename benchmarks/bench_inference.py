@@ -3,7 +3,7 @@
     python benchmarks/bench_inference.py [--repeats 30] [--resolution 64]
 
 Builds a Stable-Diffusion-shaped model of a few million parameters in code (random weights: speed does not depend
-on them) and reports, with medians over interleaved repeats:
+on them) and reports, with the minimum over interleaved repeats:
 
 - overhead: a 1-step call / the sum of its parts timed alone (prompt encoding, one UNet forward, VAE decode);
 - nasa_cost: a 1-step call with a negative prompt / without (NASA: one extra attention per cross-attention layer);
@@ -16,7 +16,6 @@ on them) and reports, with medians over interleaved repeats:
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -57,24 +56,21 @@ def build_models(resolution: int) -> dict:
     return {"vae": vae, "unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
 
 
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def interleaved(candidates: dict, repeats: int, rounds: int = 3) -> dict:
-    """Median seconds per candidate, measured in alternating rounds so background load hits all alike."""
+def interleaved(candidates: dict, repeats: int) -> dict:
+    """
+    Seconds per candidate: each round times every candidate once, in turn, and the minimum over rounds is kept. On a
+    shared machine background load only ever adds time, so the minimum is the least disturbed estimate of the cost,
+    and interleaving exposes every candidate to the same load.
+    """
     for fn in candidates.values():
         fn()  # warm-up
     samples = {name: [] for name in candidates}
-    for _ in range(rounds):
+    for _ in range(repeats):
         for name, fn in candidates.items():
-            samples[name].append(median_time(fn, max(1, repeats // rounds)))
-    return {name: statistics.median(values) for name, values in samples.items()}
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: min(values) for name, values in samples.items()}
 
 
 @torch.no_grad()

@@ -254,6 +254,18 @@ def test_model_index_names_our_scheduler(tmp_path):
     assert not any(name.endswith(".bin") for _, _, files in os.walk(tmp_path) for name in files)
 
 
+def test_execution_device_walks_modules_only_when_offload_hooks_exist(monkeypatch):
+    from diffusers import DiffusionPipeline
+
+    pipe = make_pipeline()
+    assert pipe._execution_device == torch.device("cpu")
+    walked = []
+    monkeypatch.setattr(DiffusionPipeline, "_execution_device", property(lambda self: walked.append(1) or "hooked"))
+    assert pipe._execution_device == torch.device("cpu") and not walked
+    pipe.unet._hf_hook = object()
+    assert pipe._execution_device == "hooked" and walked
+
+
 def test_cross_attention_dim_mismatch_is_refused():
     components = get_dummy_components()
     other = get_dummy_components(cross_attention_dim=24)["unet"]

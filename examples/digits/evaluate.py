@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from digits_data import digit_prompts, load_digits_split
+from digits_data import NUM_TEST, digit_prompts, load_digits_split
 from judge import DigitsJudge, load_judge_model
 
 from diffusers_onestep.evaluation import fid_from_features, precision_recall, prompt_accuracy
@@ -37,6 +37,8 @@ __all__ = [
     "real_features",
     "save_image_grid",
     "score_images",
+    "subset_fid",
+    "teacher_sampler",
     "to_judge_input",
 ]
 
@@ -123,6 +125,7 @@ def score_images(
     value_range: tuple[float, float] = (0.0, 1.0),
     reference_features: torch.Tensor | None = None,
     k: int = 3,
+    matched_n: int | None = NUM_TEST,
 ) -> dict[str, float]:
     r"""
     Scores generated images against real ones in judge-feature space.
@@ -132,21 +135,36 @@ def score_images(
         labels (`torch.Tensor` of shape `(N,)`): the prompted digit of each image.
         reference_features (`torch.Tensor`, *optional*): real features; defaults to `real_features("train")`.
         k (`int`, defaults to 3): neighbourhood size of precision / recall.
+        matched_n (`int`, *optional*, defaults to 297): also report `fid_matched`, the FID of `matched_n`-image subsets
+            (see `subset_fid`), comparable with the real-test-vs-train floor, whose test split has 297 images.
 
     Returns:
-        `dict` with `fid`, `accuracy`, `precision`, `recall`, `n`.
+        `dict` with `fid`, `accuracy`, `precision`, `recall`, `n` (and `fid_matched`, `matched_n`).
     """
     judge = _resolve_judge(judge)
     features, logits = judge_features_and_logits(images, judge, value_range)
     reference = real_features("train", judge) if reference_features is None else reference_features
     precision, recall = precision_recall(reference, features, k=k)
-    return {
+    metrics = {
         "fid": fid_from_features(features, reference),
         "accuracy": prompt_accuracy(logits, torch.as_tensor(labels)),
         "precision": precision,
         "recall": recall,
         "n": len(features),
     }
+    if matched_n is not None and 1 < matched_n < len(features):
+        metrics.update(fid_matched=subset_fid(features, reference, matched_n), matched_n=matched_n)
+    return metrics
+
+
+def subset_fid(features: torch.Tensor, reference: torch.Tensor, n: int, repeats: int = 10, seed: int = 0) -> float:
+    r"""
+    Mean FID of `repeats` random `n`-sample subsets of `features` against all of `reference`. FID is biased upwards
+    at small `n`, so a generated set is compared with the real-test floor (297 images) at the same `n`.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    subsets = [torch.randperm(len(features), generator=generator)[:n] for _ in range(repeats)]
+    return sum(fid_from_features(features[subset], reference) for subset in subsets) / repeats
 
 
 def evaluate_pipeline(
@@ -219,8 +237,12 @@ def save_image_grid(
     Image.fromarray((grid.clip(0, 1) * 255).round().astype(np.uint8)).save(path)
 
 
-def _teacher_sampler(pipe, sampler: str, guidance_scale: float) -> tuple[Callable, int]:
-    """A `pipe_callable` running the teacher with `sampler` ("dpm++:25", "ddpm:100"), and its NFE per image."""
+def teacher_sampler(pipe, sampler: str, guidance_scale: float) -> tuple[Callable, int]:
+    r"""
+    A `pipe_callable` for `evaluate_pipeline` that runs a `StableDiffusionPipeline` with `sampler` (`"dpm++:25"`:
+    `DPMSolverMultistepScheduler`, `"ddpm:100"`: `DDPMScheduler`, both from the pipeline's scheduler config) at
+    `guidance_scale` (1 = no CFG), and its NFE per image (UNet evaluations, doubled under CFG).
+    """
     from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 
     name, steps = sampler.split(":")
@@ -241,12 +263,17 @@ def _teacher_sampler(pipe, sampler: str, guidance_scale: float) -> tuple[Callabl
     return pipe_callable, int(steps) * (2 if guidance_scale > 1 else 1)
 
 
+_teacher_sampler = teacher_sampler  # the name benchmark.py imports
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher_dir", required=True)
     parser.add_argument("--judge_dir", required=True)
     parser.add_argument("--output_json", default=None)
-    parser.add_argument("--grid_dir", default=None, help="where a PNG grid per sampler is written")
+    parser.add_argument(
+        "--grid_dir", default=None, help="where a PNG grid and the samples (.pt) of each sampler are written"
+    )
     parser.add_argument("--n_per_prompt", type=int, default=100)
     parser.add_argument("--batch_size", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
@@ -276,17 +303,19 @@ def main(argv: list[str] | None = None) -> dict:
     }
     for config in args.configs:
         sampler, guidance_scale = config.split("@")
-        pipe_callable, nfe = _teacher_sampler(pipe, sampler, float(guidance_scale))
+        pipe_callable, nfe = teacher_sampler(pipe, sampler, float(guidance_scale))
         metrics = evaluate_pipeline(
             pipe_callable, digit_prompts(), args.n_per_prompt, judge=judge, batch_size=args.batch_size,
             seed=args.seed, return_images=args.grid_dir is not None,
         )  # fmt: skip
         if args.grid_dir is not None:
             os.makedirs(args.grid_dir, exist_ok=True)
-            metrics.pop("labels")
+            name = config.replace(":", "_")
+            samples = {"images": metrics.pop("images"), "labels": metrics.pop("labels")}
+            torch.save(samples, os.path.join(args.grid_dir, f"{name}.pt"))
             # one row per digit, its first 10 samples
-            images = metrics.pop("images").unflatten(0, (10, args.n_per_prompt))[:, :10].flatten(0, 1)
-            save_image_grid(images, os.path.join(args.grid_dir, f"{config.replace(':', '_')}.png"))
+            images = samples["images"].unflatten(0, (10, args.n_per_prompt))[:, :10].flatten(0, 1)
+            save_image_grid(images, os.path.join(args.grid_dir, f"{name}.png"))
         metrics["nfe"] = nfe
         results[config] = metrics
         print(f"{config}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
@@ -296,8 +325,9 @@ def main(argv: list[str] | None = None) -> dict:
             json.dump(results, f, indent=2)
     print(f"fid_floor_test_vs_train: {results['floor']['fid_test_vs_train']:.4f}")
     for config in args.configs:
-        for name in ("fid", "accuracy", "precision", "recall", "images_per_second"):
-            print(f"{config} {name}: {results[config][name]:.4f}")
+        for name in ("fid", "fid_matched", "accuracy", "precision", "recall", "images_per_second"):
+            if name in results[config]:
+                print(f"{config} {name}: {results[config][name]:.4f}")
     return results
 
 

@@ -46,7 +46,7 @@ def build_vae(latent_channels: int = 4, channels: int = 32, seed: int = 0) -> Au
 def train_vae(
     vae: AutoencoderKL,
     images: torch.Tensor,
-    max_train_steps: int = 2000,
+    max_train_steps: int = 1500,
     batch_size: int = 128,
     learning_rate: float = 1e-3,
     kl_weight: float = 1e-3,
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--judge_dir", default=None, help="a judge saved by judge.py, to report reconstruction FID")
     parser.add_argument("--latent_channels", type=int, default=4)
     parser.add_argument("--channels", type=int, default=32)
-    parser.add_argument("--max_train_steps", type=int, default=2000)
+    parser.add_argument("--max_train_steps", type=int, default=1500)
     parser.add_argument("--train_batch_size", type=int, default=128)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--kl_weight", type=float, default=1e-3)

@@ -181,3 +181,21 @@ def test_gradient_checkpointing_with_shared_base_needs_the_student_active_in_bac
     torch.testing.assert_close(student_grads(checkpointing=True, reactivate=True), expected)
     # without re-activation, checkpointing recomputes the student's blocks with the fake score's adapter
     assert not torch.allclose(student_grads(checkpointing=True, reactivate=False), expected)
+
+
+def test_log_validation_logs_grayscale_images_to_tensorboard(tmp_path):
+    """One-channel students (the digits VAE) give mode-"L" images; TensorBoard's NHWC logging needs a channel axis."""
+    import types
+
+    import PIL.Image
+
+    from diffusers_onestep.training_utils import log_validation
+
+    def pipeline(prompt, num_images_per_prompt, generator, output_type):
+        return types.SimpleNamespace(images=[PIL.Image.new("L", (8, 8), 128)] * num_images_per_prompt)
+
+    logged = []
+    writer = types.SimpleNamespace(add_images=lambda tag, array, step, dataformats: logged.append(array.shape))
+    accelerator = types.SimpleNamespace(trackers=[types.SimpleNamespace(name="tensorboard", writer=writer)])
+    images, path = log_validation(pipeline, ["a", "b"], accelerator, 3, str(tmp_path), num_images_per_prompt=2)
+    assert logged == [(4, 8, 8, 3)] and len(images) == 4 and os.path.isfile(path)

@@ -45,7 +45,8 @@ def log_validation(
     grid.save(path)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            stacked = np.stack([np.asarray(image) for image in images])
+            # grayscale students (one-channel VAEs) give (H, W) arrays: NHWC needs the channel axis
+            stacked = np.stack([np.asarray(image.convert("RGB")) for image in images])
             tracker.writer.add_images(tag, stacked, step, dataformats="NHWC")
         elif tracker.name == "wandb":
             import wandb

@@ -133,7 +133,7 @@ def test_benchmark_end_to_end(students, tiny_teacher_dir, judge_dir, oracle_dir,
     argv = [
         "--teacher_dir", tiny_teacher_dir, "--judge_dir", judge_dir, "--output_dir", str(out),
         "--students", f"pgsb={students['full']}", f"lora={students['lora']}",
-        "--n_per_prompt", "2", "--batch_size", "7", "--teacher_steps", "1", "2", "--student_steps", "1", "2",
+        "--n_per_prompt", "2", "--batch_size", "10", "--teacher_steps", "1", "2", "--student_steps", "1", "2",
         "--guidance_scales", "1", "2", "--guidance_select_steps", "2", "--nasa_scales", "0", "0.5",
         "--nasa_cfg_scales", "2", "--percentiles", "10", "90", "--adaptive_teacher_steps", "1",
         "--oracle_dir", oracle_dir,

@@ -44,12 +44,12 @@ from dataclasses import dataclass, field
 import torch
 from digits_data import CAPTION_TEMPLATES, DIGIT_WORDS, GENERIC_CAPTION, caption_for_label, digit_prompts
 from evaluate import (
-    _teacher_sampler,
     evaluate_pipeline,
     judge_features_and_logits,
     load_judge,
     real_features,
     save_image_grid,
+    teacher_sampler,
 )
 from judge import DigitsJudge
 from safetensors.torch import load_file
@@ -79,6 +79,14 @@ __all__ = [
 # how a negated digit is written in the negative prompt (the captions use all of these forms)
 NEGATIVE_WORDINGS = ("{word}", "{numeral}", "the number {numeral}", "a handwritten digit {word}")
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+# (header, key, format) of the quality columns; fid_matched: FID of 297-image subsets (evaluate.score_images)
+METRIC_COLUMNS = (
+    ("FID", "fid", ".3f"),
+    ("FID@297", "fid_matched", ".3f"),
+    ("accuracy", "accuracy", ".3f"),
+    ("precision", "precision", ".3f"),
+    ("recall", "recall", ".3f"),
+)
 
 
 # ---------------------------------------------------------------------------------------------------- set-up
@@ -320,7 +328,7 @@ def _student_callable(pipe: OneStepPipeline, steps: int = 1, nfe_log: list | Non
 
 def _teacher(ctx: BenchmarkContext, steps: int, guidance_scale: float, n_per_prompt: int | None = None) -> dict:
     """The teacher with DPM-Solver++ at `steps` steps and `guidance_scale` (1 = no CFG), cached."""
-    pipe_callable, nfe = _teacher_sampler(ctx.teacher, f"dpm++:{steps}", guidance_scale)
+    pipe_callable, nfe = teacher_sampler(ctx.teacher, f"dpm++:{steps}", guidance_scale)
     n = ctx.args.n_per_prompt if n_per_prompt is None else n_per_prompt
     suffix = "" if n == ctx.args.n_per_prompt else f"_n{n}"
     key = f"teacher_dpm++{steps}_cfg{guidance_scale:g}{suffix}"
@@ -407,8 +415,7 @@ def run_table1(ctx: BenchmarkContext) -> dict:
         "reference": {
             "steps": reference_steps,
             "guidance_scale": reference["guidance_scale"],
-            "fid": reference["fid"],
-            "images_per_second": reference["images_per_second"],
+            **{k: reference[k] for k in ("fid", "fid_matched", "images_per_second") if k in reference},
         },
         "statement": statement,
     }
@@ -419,20 +426,19 @@ def run_table1(ctx: BenchmarkContext) -> dict:
     text = format_table(
         f"Guidance scale of the teacher (DPM-Solver++ {args.guidance_select_steps} steps, "
         f"N = {args.guidance_select_n_per_prompt * 10}; picked by digits-FID)",
-        [("guidance", "label", "s"), ("FID", "fid", ".3f"), ("accuracy", "accuracy", ".3f"),
-         ("precision", "precision", ".3f"), ("recall", "recall", ".3f"), ("NFE", "nfe", "d")],
+        [("guidance", "label", "s"), *METRIC_COLUMNS, ("NFE", "nfe", "d")],
         [{**r, "label": _guidance_label(r["guidance_scale"])} for r in selection],
         [f"picked: {_guidance_label(sweep_g)}" + (f"; best CFG scale: {best_cfg:g}" if best_cfg else "")],
     )  # fmt: skip
     text += "\n" + format_table(
         f"Table 1: quality and speed (N = {n} per row, balanced over the 10 digit prompts; digits-FID against the "
         f"{len(train_features)} real train images)",
-        [("model", "model", "s"), ("sampler", "sampler", "s"), ("guidance", "guidance", "s"), ("FID", "fid", ".3f"),
-         ("accuracy", "accuracy", ".3f"), ("precision", "precision", ".3f"), ("recall", "recall", ".3f"),
+        [("model", "model", "s"), ("sampler", "sampler", "s"), ("guidance", "guidance", "s"), *METRIC_COLUMNS,
          ("NFE", "nfe", "d"), ("images/s", "images_per_second", ".1f"), ("speed vs ref", "speed_ratio", ".2f")],
         rows,
         [f"FID floor (real test {floor['n']} vs real train): {floor['fid']:.3f} "
-         f"(precision {floor['precision']:.3f}, recall {floor['recall']:.3f})",
+         f"(precision {floor['precision']:.3f}, recall {floor['recall']:.3f}); FID@297 = mean FID of 297-image "
+         "subsets (evaluate.subset_fid), the size of the floor's test set: compare it with the floor",
          statement + "; speed = images/s / the reference's, timed in this process"],
     )  # fmt: skip
     print(text, flush=True)
@@ -665,9 +671,8 @@ def run_table3(ctx: BenchmarkContext) -> dict:
         f"Table 3: adaptive collaboration, student {name} + oracle + teacher refine (SDEdit strength "
         f"{args.adaptive_strength:g}, {args.adaptive_teacher_steps} DPM++ steps, {_guidance_label(guidance)}); "
         f"N = {args.n_per_prompt * 10} per row",
-        [("method", "method", "s"), ("refined", "refined_share", ".2f"), ("avg NFE", "nfe", ".2f"),
-         ("FID", "fid", ".3f"), ("accuracy", "accuracy", ".3f"), ("precision", "precision", ".3f"),
-         ("recall", "recall", ".3f"), ("images/s", "images_per_second", ".1f")],
+        [("method", "method", "s"), ("refined", "refined_share", ".2f"), ("avg NFE", "nfe", ".2f"), *METRIC_COLUMNS,
+         ("images/s", "images_per_second", ".1f")],
         base + [r for row in rows for r in [row] + [c for c in comparisons if c["for_k"] == row["k"]]],
         [f"oracle: a second classifier (not the judge), score = its softmax probability of the prompted digit; "
          f"percentiles calibrated on {len(calibration_scores)} student images of all {len(CAPTION_TEMPLATES)} caption "
@@ -750,8 +755,7 @@ def run_table4(ctx: BenchmarkContext) -> dict:
     text = format_table(
         f"Table 4: distillation curves, 1-step digits-FID and accuracy per checkpoint (N = {n * 10})",
         [("student", "student", "s"), ("iteration", "iteration", "d"), ("checkpoint", "checkpoint", "s"),
-         ("weights", "weights", "s"), ("FID", "fid", ".3f"), ("accuracy", "accuracy", ".3f"),
-         ("precision", "precision", ".3f"), ("recall", "recall", ".3f")],
+         ("weights", "weights", "s"), *METRIC_COLUMNS],
         rows, notes,
     )  # fmt: skip
     print(text, flush=True)
@@ -775,10 +779,14 @@ def _headline(ctx: BenchmarkContext) -> dict:
                 tag = "nocfg" if row["guidance_scale"] <= 1 else f"cfg{row['guidance_scale']:g}"
                 out[f"teacher_{row['steps']}step_{tag}_fid"] = row["fid"]
         out[f"teacher_{t1['reference']['steps']}step_fid"] = t1["reference"]["fid"]
+        if "fid_matched" in t1["reference"]:
+            out[f"teacher_{t1['reference']['steps']}step_fid_matched"] = t1["reference"]["fid_matched"]
         for row in t1["rows"]:
             if row["model"] != "teacher":
                 out[f"{row['model']}_{row['steps']}step_fid"] = row["fid"]
                 if row["steps"] == 1:
+                    if "fid_matched" in row:
+                        out[f"{row['model']}_1step_fid_matched"] = row["fid_matched"]
                     out[f"{row['model']}_1step_accuracy"] = row["accuracy"]
                     out[f"{row['model']}_1step_speed_vs_teacher"] = row["speed_ratio"]
     if "table2" in results:

@@ -1,0 +1,70 @@
+"""Packs the trained digits artifacts into `examples/digits/checkpoints/` for the README demo (<= 25 MB in all).
+
+    python examples/digits/export_checkpoints.py --teacher_dir /work/digits_artifacts/teacher \
+        --student_dir /work/digits_artifacts/students/pgsb --judge_dir /work/digits_artifacts/judge \
+        --oracle_dir /work/digits_artifacts/oracle --nasa_scale 0.25
+
+The two UNets (teacher and student, 3.2M parameters each) are stored in float16 (12.6 MB -> 6.3 MB each); everything
+else stays float32. The demo loads them with `torch_dtype=torch.float32`. Every file is safetensors or JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from diffusers_onestep import OneStepPipeline
+
+
+__all__ = ["main"]
+
+CHECKPOINTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")
+MAX_BYTES = 25 * 1024 * 1024
+
+
+def _folder_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def main(argv: list[str] | None = None) -> dict[str, int]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher_dir", required=True)
+    parser.add_argument("--student_dir", required=True, help="a OneStepPipeline directory (train_pg_swiftbrush.py)")
+    parser.add_argument("--judge_dir", required=True)
+    parser.add_argument("--oracle_dir", required=True)
+    parser.add_argument("--output_dir", default=CHECKPOINTS)
+    parser.add_argument(
+        "--nasa_scale", type=float, default=0.25,
+        help="the student's default NASA scale (benchmark table 2: the smallest scale removing >= 95%% of negated digits)",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+
+    if os.path.isdir(args.output_dir):
+        shutil.rmtree(args.output_dir)
+    os.makedirs(args.output_dir)
+    teacher = StableDiffusionPipeline.from_pretrained(args.teacher_dir, use_safetensors=True)
+    teacher.unet.to(torch.float16)
+    teacher.save_pretrained(os.path.join(args.output_dir, "teacher"), safe_serialization=True)
+    student = OneStepPipeline.from_pretrained(args.student_dir)
+    student.unet.to(torch.float16)
+    student.register_to_config(nasa_scale=args.nasa_scale)
+    student.save_pretrained(os.path.join(args.output_dir, "pgsb"), safe_serialization=True)
+    for name, source in (("judge", args.judge_dir), ("oracle", args.oracle_dir)):
+        shutil.copytree(source, os.path.join(args.output_dir, name))
+
+    sizes = {name: _folder_bytes(os.path.join(args.output_dir, name)) for name in sorted(os.listdir(args.output_dir))}
+    total = sum(sizes.values())
+    for name, size in sizes.items():
+        print(f"{name}: {size / 2**20:.2f} MiB")
+    print(f"total: {total / 2**20:.2f} MiB")
+    if total > MAX_BYTES:
+        raise SystemExit(f"the checkpoints take {total / 2**20:.1f} MiB, more than the 25 MiB budget")
+    return sizes
+
+
+if __name__ == "__main__":
+    main()

@@ -79,3 +79,14 @@ def test_digits_flow_end_to_end(tmp_path):
     steered = student(["a handwritten digit"] * 4, negative_prompt="seven", nasa_scale=1.0,
                       generator=torch.Generator().manual_seed(0), output_type="pt")  # fmt: skip
     assert (generic.images - steered.images).abs().max() > 1e-4
+
+
+def test_demo_runs_on_the_shipped_checkpoints(tmp_path):
+    """The README's main job, with tiny N: loads the shipped checkpoints and writes the table's figures and the picture."""
+    demo = _script("digits_demo", os.path.join(ROOT, "examples", "digits", "demo.py"))
+    results = demo.main(["--n_per_prompt", "2", "--teacher_steps", "2", "--output_dir", str(tmp_path)])
+    assert (tmp_path / "digits_demo.png").is_file()
+    student = results["PG-SB student, 1 step"]
+    assert student["nfe"] == 1 and student["n"] == 20 and 0 <= student["accuracy"] <= 1
+    assert 1 <= results["adaptive (k=50, refine)"]["nfe"] <= 1 + 2 * 2
+    assert all(0 <= row["removal_rate"] <= 1 for name, row in results.items() if name.startswith("nasa"))

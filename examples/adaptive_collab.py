@@ -61,7 +61,7 @@ def build_pipeline(
     teacher_pipe = StableDiffusionPipeline.from_pretrained(
         teacher, dtype=torch_dtype, safety_checker=None, use_safetensors=True
     )
-    student = OneStepPipeline.from_teacher(teacher_pipe, unet=student_unet, lora=student_lora, torch_dtype=torch_dtype)
+    student = OneStepPipeline.from_teacher(teacher_pipe, unet=student_unet, lora=student_lora, dtype=torch_dtype)
     oracle = CLIPScoreOracle.from_pretrained(clip, torch_dtype=torch_dtype)
     return AdaptiveCollabPipeline.from_pipelines(student, teacher_pipe, oracle=oracle)
 

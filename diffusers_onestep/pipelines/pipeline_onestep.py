@@ -39,7 +39,7 @@ EXAMPLE_DOC_STRING = """
         >>> import diffusers_onestep
         >>> from diffusers_onestep import OneStepPipeline
 
-        >>> pipe = OneStepPipeline.from_pretrained("your-name/sd15-pgsb-student", torch_dtype=torch.bfloat16)
+        >>> pipe = OneStepPipeline.from_pretrained("your-name/sd15-pgsb-student", dtype=torch.bfloat16)
         >>> image = pipe("a photo of a pet", negative_prompt="cat", nasa_scale=0.1).images[0]
 
         >>> # or: a teacher checkpoint plus distilled LoRA weights
@@ -144,7 +144,7 @@ class OneStepPipeline(
         t_init: int = 999,
         input_type: str = "noise",
         nasa_scale: float = 0.1,
-        torch_dtype: torch.dtype | None = None,
+        dtype: torch.dtype | None = None,
         **scheduler_kwargs,
     ) -> OneStepPipeline:
         r"""
@@ -164,7 +164,7 @@ class OneStepPipeline(
             t_init (`int`, defaults to 999): the student's conditioning timestep (999 SwiftBrush, 625 SiD-LSG).
             input_type (`str`, defaults to `"noise"`): `"noise"` or `"scaled_noise"` (see the scheduler).
             nasa_scale (`float`, defaults to 0.1): the default NASA scale stored in the config.
-            torch_dtype (`torch.dtype`, *optional*): dtype for the loaded modules.
+            dtype (`torch.dtype`, *optional*): dtype for the loaded modules (diffusers 0.42's name for `torch_dtype`).
             scheduler_kwargs: other `ConsistencyStudentScheduler` config overrides.
 
         Example:
@@ -175,9 +175,7 @@ class OneStepPipeline(
         """
         if unet is None and lora is None:
             raise ValueError("Pass the student as `unet` (full weights) or `lora` (LoRA weights), or both.")
-        load_kwargs = (
-            {"torch_dtype": torch_dtype, "use_safetensors": True} if torch_dtype else {"use_safetensors": True}
-        )
+        load_kwargs = {"dtype": dtype, "use_safetensors": True} if dtype else {"use_safetensors": True}
         if isinstance(teacher, (str, os.PathLike)):
             path = str(teacher)
             parts = {

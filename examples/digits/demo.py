@@ -53,10 +53,10 @@ def _load(checkpoints: str):
         )
     # the UNets are stored in float16 to keep the repository small; they run in float32
     teacher = StableDiffusionPipeline.from_pretrained(
-        os.path.join(checkpoints, "teacher"), use_safetensors=True, torch_dtype=torch.float32
+        os.path.join(checkpoints, "teacher"), use_safetensors=True, dtype=torch.float32
     )
     teacher.scheduler = DPMSolverMultistepScheduler.from_config(teacher.scheduler.config)
-    student = OneStepPipeline.from_pretrained(os.path.join(checkpoints, "pgsb"), torch_dtype=torch.float32)
+    student = OneStepPipeline.from_pretrained(os.path.join(checkpoints, "pgsb"), dtype=torch.float32)
     for pipe in (teacher, student):
         pipe.set_progress_bar_config(disable=True)
     judge = load_judge(os.path.join(checkpoints, "judge"))

@@ -5,7 +5,7 @@
         --oracle_dir /work/digits_artifacts/oracle --nasa_scale 0.25
 
 The two UNets (teacher and student, 3.2M parameters each) are stored in float16 (12.6 MB -> 6.3 MB each); everything
-else stays float32. The demo loads them with `torch_dtype=torch.float32`. Every file is safetensors or JSON.
+else stays float32. The demo loads them with `dtype=torch.float32`. Every file is safetensors or JSON.
 """
 
 from __future__ import annotations

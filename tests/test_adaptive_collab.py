@@ -22,15 +22,6 @@ TEACHER_STEPS, STRENGTH, CFG = 2, 0.5, 4.0
 PROMPTS = ["a photo of a cat", "a photo of a dog", "the digit seven", "a pet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread runs several times faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def brightness(images, prompts):
     return images.mean(dim=(1, 2, 3))
 

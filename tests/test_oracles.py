@@ -14,15 +14,6 @@ from diffusers_onestep.testing_utils import build_clip_tokenizer
 PROMPTS = ["a photo of a cat", "a photo of a dog", "the digit seven", "a pet", "a cat"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread runs several times faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def images():
     return torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(0))

@@ -63,7 +63,7 @@ def test_callable_oracle_errors(images):
         CallableOracle(lambda x, p: torch.zeros(3))(images, PROMPTS)
     with pytest.raises(ValueError, match="`prompts` must be 5 strings"):
         CallableOracle(lambda x, p: torch.zeros(5))(images, PROMPTS[:2])
-    with pytest.raises(ValueError, match=r"\(batch, 3, H, W\)"):
+    with pytest.raises(ValueError, match=r"\(batch, 1 or 3, H, W\)"):
         CallableOracle(lambda x, p: torch.zeros(5))(images[:, 0], PROMPTS)
     with pytest.raises(ValueError, match="`batch_size` must be an integer >= 1"):
         CallableOracle(lambda x, p: x, batch_size=0)
@@ -80,6 +80,12 @@ def test_clip_score_oracle_matches_hand_computation_and_batches(images):
     # other image sizes are resized as the processor says (shortest edge, then center crop)
     wide = CLIPScoreOracle(model, processor)(torch.rand(2, 3, 24, 40), PROMPTS[:2])
     assert wide.shape == (2,) and torch.isfinite(wide).all()
+    # grayscale images (one-channel VAEs) score as their three-channel repeat
+    gray = images[:, :1]
+    torch.testing.assert_close(
+        CLIPScoreOracle(model, processor)(gray, PROMPTS),
+        CLIPScoreOracle(model, processor)(gray.repeat(1, 3, 1, 1), PROMPTS),
+    )
 
 
 def test_clip_score_oracle_from_pretrained(tmp_path, images):

@@ -6,7 +6,7 @@ CVPR 2024, Sec. 4; the paper's oracle is ImageReward). The protocol is one call:
 
     oracle(images, prompts) -> torch.Tensor of shape (batch,)
 
-with `images` a `(batch, 3, H, W)` float tensor in `[0, 1]` (diffusers' `output_type="pt"`) and `prompts` a list of
+with `images` a `(batch, 3 or 1, H, W)` float tensor in `[0, 1]` (diffusers' `output_type="pt"`) and `prompts` a list of
 `batch` strings. Oracles run batched and under `torch.no_grad()`; scoring never calls the teacher.
 """
 
@@ -33,7 +33,7 @@ class Oracle(Protocol):
     Anything callable as `oracle(images, prompts)` that returns one score per image, higher is better.
 
     Args:
-        images (`torch.Tensor`): `(batch, 3, H, W)` float images in `[0, 1]`.
+        images (`torch.Tensor`): `(batch, 3, H, W)` (or grayscale `(batch, 1, H, W)`) float images in `[0, 1]`.
         prompts (`list[str]`): the prompt of each image, `batch` strings.
 
     Returns:
@@ -44,14 +44,22 @@ class Oracle(Protocol):
 
 
 def check_oracle_inputs(images: torch.Tensor, prompts: Sequence[str]) -> list[str]:
-    r"""Raises `ValueError` unless `images` is `(batch, 3, H, W)` and `prompts` holds `batch` strings."""
-    if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3:
+    r"""
+    Raises `ValueError` unless `images` is `(batch, 1 or 3, H, W)` (grayscale VAEs decode to one channel) and
+    `prompts` holds `batch` strings.
+    """
+    if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] not in (1, 3):
         shape = tuple(images.shape) if torch.is_tensor(images) else type(images)
-        raise ValueError(f"`images` must be a (batch, 3, H, W) tensor in [0, 1], got {shape}.")
+        raise ValueError(f"`images` must be a (batch, 1 or 3, H, W) tensor in [0, 1], got {shape}.")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if len(prompts) != images.shape[0] or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"`prompts` must be {images.shape[0]} strings (one per image), got {len(prompts)} items.")
     return prompts
+
+
+def _rgb(images: torch.Tensor) -> torch.Tensor:
+    """Grayscale `(batch, 1, H, W)` images repeated to three channels, for models that expect RGB."""
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
 
 def check_scores(scores, batch_size: int, name: str = "oracle") -> torch.Tensor:
@@ -93,7 +101,7 @@ class CallableOracle:
     and returned as a float32 tensor of shape `(batch,)`.
 
     Args:
-        fn (`Callable`): the scoring function; `images` are `(batch, 3, H, W)` in `[0, 1]`.
+        fn (`Callable`): the scoring function; `images` are `(batch, 3 or 1, H, W)` in `[0, 1]`, as given.
         batch_size (`int`, *optional*): the largest chunk `fn` sees; all images at once by default.
 
     Example:
@@ -226,9 +234,9 @@ class CLIPScoreOracle(_OracleModule):
         return 100 * F.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        r"""Scores `images` (`(batch, 3, H, W)` in `[0, 1]`) against `prompts`; returns `(batch,)` float32 on CPU."""
+        r"""Scores `images` (`(batch, 1 or 3, H, W)` in `[0, 1]`) against `prompts`; returns `(batch,)` float32 on CPU."""
         prompts = check_oracle_inputs(images, prompts)
-        return _batched(self._score, images, prompts, self.batch_size)
+        return _batched(self._score, _rgb(images), prompts, self.batch_size)
 
 
 def _pooled(output) -> torch.Tensor:
@@ -294,9 +302,9 @@ class ImageRewardOracle(_OracleModule):
         return cls(image_reward.load(name, device=str(device), download_root=download_root))
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        r"""Scores `images` (`(batch, 3, H, W)` in `[0, 1]`) against `prompts`; returns `(batch,)` float32 on CPU."""
+        r"""Scores `images` (`(batch, 1 or 3, H, W)` in `[0, 1]`) against `prompts`; returns `(batch,)` float32 on CPU."""
         prompts = check_oracle_inputs(images, prompts)
-        arrays = (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round()
+        arrays = (_rgb(images).detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round()
         pil_images = [PIL.Image.fromarray(array.astype(np.uint8)) for array in arrays]
         scores = torch.empty(len(prompts), dtype=torch.float32)
         with torch.no_grad():

@@ -9,8 +9,7 @@ on the train split only, for a few seconds on a CPU. Its score of an image is th
 named in the image's prompt (`prompt_digit`); for a prompt naming no digit (the generic "a handwritten digit"), the
 probability of its most likely digit (its confidence).
 
-`DigitsOracle` is a `CallableOracle` that also accepts the digits world's single-channel images (the digits VAE decodes
-to one channel; `CallableOracle` checks for three).
+`DigitsOracle` is a `CallableOracle` around that score; it takes the digits world's one-channel images as they are.
 """
 
 from __future__ import annotations
@@ -109,9 +108,7 @@ def prompted_digit_probability(classifier: DigitsJudge, images: torch.Tensor, pr
 
 class DigitsOracle(CallableOracle):
     r"""
-    `CallableOracle` around `prompted_digit_probability(classifier, ...)`. Single-channel images (the digits VAE's
-    output) are repeated to three channels before `CallableOracle`'s input check; the score is unchanged by it (the
-    classifier input averages the channels).
+    `CallableOracle` around `prompted_digit_probability(classifier, ...)` (one- or three-channel images).
 
     Args:
         classifier (`DigitsJudge`): the oracle's classifier (not the judge).
@@ -124,11 +121,6 @@ class DigitsOracle(CallableOracle):
 
     def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         return prompted_digit_probability(self.classifier, images, prompts)
-
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        if torch.is_tensor(images) and images.ndim == 4 and images.shape[1] == 1:
-            images = images.expand(-1, 3, -1, -1)
-        return super().__call__(images, prompts)
 
 
 def load_or_train_oracle(path: str | None = None, seed: int = ORACLE_SEED, verbose: bool = False) -> DigitsJudge:

@@ -10,26 +10,21 @@ from __future__ import annotations
 
 import torch
 
-from .denoiser import Denoiser, alpha_sigma
+from ..models.denoiser import INPUT_TYPES, Denoiser
+from ..models.denoiser import student_input as _student_input
 
 
 __all__ = ["INPUT_TYPES", "student_generate", "student_input"]
-
-INPUT_TYPES = ("noise", "scaled_noise")
 
 
 def student_input(scheduler, noise: torch.Tensor) -> torch.Tensor:
     r"""
     The student's network input `x_{t_init}` for `noise` (`(batch, C, H, W)`): `z` (`input_type="noise"`) or
-    `s_{t_init} z` (`input_type="scaled_noise"`), per `scheduler.config`.
+    `s_{t_init} z` (`input_type="scaled_noise"`), per `scheduler.config` (`models.denoiser.student_input`).
     """
-    input_type = scheduler.config.get("input_type", "noise")
-    if input_type == "noise":
-        return noise
-    if input_type == "scaled_noise":
-        _, sigma = alpha_sigma(scheduler.alphas_cumprod.to(noise.device), scheduler.config.t_init, noise.ndim)
-        return (sigma * noise.float()).to(noise.dtype)
-    raise ValueError(f"`input_type` must be one of {INPUT_TYPES}, got {input_type!r}.")
+    return _student_input(
+        scheduler.alphas_cumprod, scheduler.config.t_init, noise, scheduler.config.get("input_type", "noise")
+    )
 
 
 def student_generate(

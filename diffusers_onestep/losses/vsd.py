@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .denoiser import Denoiser, alpha_sigma
+from ..models.denoiser import Denoiser, alpha_sigma
 
 
 __all__ = ["PGSwiftBrushLoss", "clamped_clip_loss"]

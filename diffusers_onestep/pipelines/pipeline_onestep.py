@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import os
@@ -15,22 +16,34 @@ import PIL.Image
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
-from diffusers.utils import USE_PEFT_BACKEND, BaseOutput, scale_lora_layers, unscale_lora_layers
-from diffusers.utils.torch_utils import randn_tensor
+from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
+from diffusers.utils import USE_PEFT_BACKEND, BaseOutput, logging, scale_lora_layers, unscale_lora_layers
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..attention.nasa import check_nasa_scale, nasa_attention
-from ..losses.denoiser import classifier_free_guidance
+from ..models.denoiser import classifier_free_guidance
 from ..schedulers.scheduling_consistency_student import ConsistencyStudentScheduler
-from .loading import OneStepLoadingMixin
+from .loading import OneStepLoadingMixin, check_safetensors_only, load_pipeline, read_student_config
+from .pipeline_utils import (
+    OneStepPipelineMixin,
+    check_fits_in_memory,
+    check_generator,
+    check_image_size,
+    check_latents,
+    check_num_images_per_prompt,
+    check_output_type,
+    check_prompts,
+)
 from .text_encoding import encode_prompt, repeat_embeddings
 
 
 __all__ = ["OneStepPipeline", "OneStepPipelineOutput"]
 
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+logger = logging.get_logger(__name__)
+
+DEFAULT_NASA_SCALE = 0.1  # SNOOPI's SD1.5 value
+_STUDENT_FLAGS = ("t_init", "input_type")
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -57,20 +70,42 @@ class OneStepPipelineOutput(BaseOutput):
         images (`list[PIL.Image.Image]`, `np.ndarray` or `torch.Tensor`):
             The generated images (or latents with `output_type="latent"`).
         nfe (`int`):
-            Network (UNet) evaluations spent per image: the number of steps, doubled under output-space CFG.
+            Network (UNet) evaluations spent per image: one per scheduler timestep, doubled under output-space CFG.
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     nfe: int
 
 
-def _first_tensor(module: torch.nn.Module) -> torch.Tensor | None:
-    """The first parameter or buffer of `module` (what `ModelMixin.device` returns, without its module walk)."""
-    return next(itertools.chain(module.parameters(), module.buffers()), None)
+def share_weights_copy(module: torch.nn.Module) -> torch.nn.Module:
+    r"""
+    A new module tree whose parameters and buffers are the **same tensors** as `module`'s: adapters injected into the
+    copy (peft replaces its layers) leave `module` untouched, at the cost of the module objects only, no weights.
+    """
+    memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    shared = copy.deepcopy(module, memo)
+    shared.__dict__["_onestep_shares_weights"] = True
+    return shared
+
+
+def _unshare_adapted_weights(module: torch.nn.Module) -> None:
+    """Gives every LoRA-adapted layer of a weight-sharing copy its own base weights (before fusing into them)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for layer in module.modules():
+        if isinstance(layer, BaseTunerLayer):
+            base = layer.get_base_layer()
+            for name, param in list(base.named_parameters(recurse=False)):
+                setattr(base, name, torch.nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
 
 
 class OneStepPipeline(
-    OneStepLoadingMixin, DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
+    OneStepLoadingMixin,
+    OneStepPipelineMixin,
+    DiffusionPipeline,
+    StableDiffusionMixin,
+    StableDiffusionLoraLoaderMixin,
+    TextualInversionLoaderMixin,
 ):
     r"""
     Text-to-image with a one-step (or few-step) student: the UNet runs once per step at the scheduler's conditioning
@@ -81,10 +116,15 @@ class OneStepPipeline(
     guidance (`guidance_scale > 1`) is available as an explicit opt-in only: it doubles the UNet work and, on one-step
     students, lowers quality (SNOOPI reports HPSv2 -0.33 at scale 1.5 and -3.61 at 2.5).
 
+    Any scheduler of `ConsistencyStudentScheduler.compatibles` can be swapped in (`from_config`), as in diffusers;
+    `enable_freeu`, `fuse_qkv_projections`, VAE slicing / tiling (`pipe.vae.enable_slicing()`), CPU offload, LoRA and
+    textual inversion work as in `StableDiffusionPipeline`.
+
     Args:
         vae (`AutoencoderKL`): decodes latents to images.
-        text_encoder (`CLIPTextModel`): the frozen text encoder.
-        tokenizer (`CLIPTokenizer`): its tokenizer.
+        text_encoder (`CLIPTextModel`, *optional*): the frozen text encoder; may be `None` when every call passes
+            `prompt_embeds` (encode once, free the encoder).
+        tokenizer (`CLIPTokenizer`, *optional*): its tokenizer.
         unet (`UNet2DConditionModel`): the distilled student.
         scheduler (`ConsistencyStudentScheduler`): holds the student's conditioning timestep and input convention.
         nasa_scale (`float`, defaults to 0.1): default NASA `alpha` for calls with a negative prompt (stored in the
@@ -92,120 +132,195 @@ class OneStepPipeline(
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = []
+    _optional_components = ["text_encoder", "tokenizer"]
     _exclude_from_cpu_offload = []
     _callback_tensor_inputs = ["latents", "denoised", "prompt_embeds", "negative_prompt_embeds"]
 
     def __init__(
         self,
         vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
+        text_encoder: CLIPTextModel | None,
+        tokenizer: CLIPTokenizer | None,
         unet: UNet2DConditionModel,
         scheduler: ConsistencyStudentScheduler,
-        nasa_scale: float = 0.1,
+        nasa_scale: float = DEFAULT_NASA_SCALE,
     ):
         super().__init__()
         check_nasa_scale(nasa_scale)
-        cross_dim, text_dim = unet.config.cross_attention_dim, text_encoder.config.hidden_size
-        if cross_dim != text_dim:
-            raise ValueError(
-                f"`unet` has cross_attention_dim={cross_dim} but `text_encoder` has hidden_size={text_dim}: "
-                "they must be equal (use the student trained on this text encoder)."
-            )
+        if text_encoder is not None:
+            cross_dim, text_dim = unet.config.cross_attention_dim, text_encoder.config.hidden_size
+            if cross_dim != text_dim:
+                raise ValueError(
+                    f"`unet` has cross_attention_dim={cross_dim} but `text_encoder` has hidden_size={text_dim}: "
+                    "they must be equal (use the student trained on this text encoder)."
+                )
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
         self.register_to_config(nasa_scale=nasa_scale)
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self._init_image_processor()
 
-    @property
-    def _execution_device(self) -> torch.device:
-        r"""
-        diffusers finds the execution device (and `ModelMixin.device` / `.dtype`) by walking every submodule for
-        offload hooks: about 5 ms per call for a 6M-parameter UNet, several percent of a one-step call. Offloading
-        always hooks the top-level module (accelerate's `_hf_hook`, diffusers' group-offloading `_diffusers_hook`), so
-        without such a hook the device of the first parameter is the answer (an accelerator one first, like
-        `DiffusionPipeline.device`).
-        """
-        components = [c for c in self.components.values() if isinstance(c, torch.nn.Module)]
-        if any("_hf_hook" in c.__dict__ or "_diffusers_hook" in c.__dict__ for c in components):
-            return super()._execution_device
-        devices = [_first_tensor(c).device for c in components if _first_tensor(c) is not None]
-        return next(
-            (d for d in devices if d.type not in ("cpu", "meta")), devices[0] if devices else torch.device("cpu")
-        )
+    # ---------------------------------------------------------------- building and saving
 
     @classmethod
     def from_teacher(
         cls,
         teacher: DiffusionPipeline | str | os.PathLike,
+        *,
         unet: UNet2DConditionModel | str | os.PathLike | None = None,
         lora: str | os.PathLike | dict | None = None,
-        t_init: int = 999,
-        input_type: str = "noise",
-        nasa_scale: float = 0.1,
+        t_init: int | None = None,
+        input_type: str | None = None,
+        nasa_scale: float | None = None,
         dtype: torch.dtype | None = None,
         **scheduler_kwargs,
     ) -> OneStepPipeline:
         r"""
         Builds a one-step pipeline from a teacher's components plus a distilled student, in one line.
 
+        **The student's saved config wins.** A student saved by our training scripts carries its scheduler config
+        (`t_init`, `input_type`, ...) and, for a full pipeline, its `nasa_scale`; they are used unless given here
+        explicitly. Without a saved config, the defaults are `t_init=999`, `input_type="noise"`, `nasa_scale=0.1`.
+
+        **The teacher stays the teacher.** With a teacher pipeline object, its VAE, text encoder and tokenizer are
+        shared (not copied). A `lora` is loaded into a weight-sharing copy of the teacher's UNet and text encoder
+        (`share_weights_copy`: new module objects around the same weight tensors), so the teacher pipeline's outputs do
+        not change: the memory cost is the LoRA weights and the module objects, no second copy of the base weights.
+        `fuse_lora` on such a student first gives the adapted layers their own weights (then those layers cost their
+        size once more).
+
         Args:
             teacher (`DiffusionPipeline`, `str` or `os.PathLike`):
-                A Stable-Diffusion-like pipeline object (its modules are shared, not copied) or a checkpoint
-                directory / Hub id (only the VAE, text encoder, tokenizer, scheduler config and, without `unet`,
-                the UNet are loaded).
+                A Stable-Diffusion-like pipeline object, or a checkpoint directory / Hub id (loaded with
+                `DiffusionPipeline.from_pretrained(..., use_safetensors=True)`; its UNet is not loaded when `unet` is
+                given).
             unet (`UNet2DConditionModel`, `str` or `os.PathLike`, *optional*):
-                The full student: a model, or a directory / Hub id holding a diffusers UNet (a whole pipeline
-                directory with a `unet/` folder works too). Defaults to the teacher's UNet.
+                The full student: a model, or a directory / Hub id holding a diffusers UNet (a whole student pipeline
+                directory with a `unet/` folder works too, and then its scheduler config and `nasa_scale` are used).
+                Defaults to the teacher's UNet.
             lora (`str`, `os.PathLike` or `dict`, *optional*):
-                Student LoRA weights for `load_lora_weights`. Loaded into the UNet in place: with a teacher object,
-                the teacher's UNet gets the adapter too.
-            t_init (`int`, defaults to 999): the student's conditioning timestep (999 SwiftBrush, 625 SiD-LSG).
-            input_type (`str`, defaults to `"noise"`): `"noise"` or `"scaled_noise"` (see the scheduler).
-            nasa_scale (`float`, defaults to 0.1): the default NASA scale stored in the config.
+                Student LoRA weights for `load_lora_weights` (a LoRA student directory's `scheduler/` config is used).
+            t_init (`int`, *optional*): the student's conditioning timestep (999 SwiftBrush, 625 SiD-LSG).
+            input_type (`str`, *optional*): `"noise"` or `"scaled_noise"` (see the scheduler).
+            nasa_scale (`float`, *optional*): the default NASA scale stored in the config.
             dtype (`torch.dtype`, *optional*): dtype for the loaded modules (diffusers 0.42's name for `torch_dtype`).
             scheduler_kwargs: other `ConsistencyStudentScheduler` config overrides.
 
         Example:
 
         ```py
-        >>> pipe = OneStepPipeline.from_teacher("path/to/sd15", unet="path/to/student/unet")
+        >>> pipe = OneStepPipeline.from_teacher("path/to/sd15", unet="path/to/student")
         ```
         """
         if unet is None and lora is None:
             raise ValueError("Pass the student as `unet` (full weights) or `lora` (LoRA weights), or both.")
+        if input_type is not None and input_type not in ("noise", "scaled_noise"):
+            raise ValueError(f"`input_type` must be one of ('noise', 'scaled_noise'), got {input_type!r}.")
+        if nasa_scale is not None:
+            check_nasa_scale(nasa_scale)
+        for name, path in (("unet", unet), ("lora", lora)):
+            if isinstance(path, (str, os.PathLike)):
+                check_safetensors_only(path, name)
         load_kwargs = {"dtype": dtype, "use_safetensors": True} if dtype else {"use_safetensors": True}
-        if isinstance(teacher, (str, os.PathLike)):
-            path = str(teacher)
-            parts = {
-                "vae": AutoencoderKL.from_pretrained(path, subfolder="vae", **load_kwargs),
-                "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **load_kwargs),
-                "tokenizer": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
-                "scheduler_config": ConsistencyStudentScheduler.load_config(path, subfolder="scheduler"),
-            }
-            if unet is None:
-                unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **load_kwargs)
-        else:
-            parts = {name: getattr(teacher, name) for name in ("vae", "text_encoder", "tokenizer")}
-            parts["scheduler_config"] = teacher.scheduler.config
-            unet = teacher.unet if unet is None else unet
+
+        # 1. The student's own saved config (scheduler and nasa_scale), from its directory
+        student_scheduler, student_extra = read_student_config(unet)
+        if student_scheduler is None:
+            student_scheduler, lora_extra = read_student_config(lora)
+            student_extra = {**lora_extra, **student_extra}
+
+        # 2. The student UNet (loaded before the teacher so the teacher's UNet is not loaded for nothing)
         if isinstance(unet, (str, os.PathLike)):
             subfolder = "unet" if os.path.isdir(os.path.join(unet, "unet")) else None
             unet = UNet2DConditionModel.from_pretrained(unet, subfolder=subfolder, **load_kwargs)
-        scheduler = ConsistencyStudentScheduler.from_config(
-            parts.pop("scheduler_config"), t_init=t_init, input_type=input_type, **scheduler_kwargs
-        )
+
+        # 3. The teacher's components
+        if isinstance(teacher, (str, os.PathLike)):
+            overrides = {"unet": unet} if unet is not None else {}
+            teacher = load_pipeline(teacher, "teacher", **({"dtype": dtype} if dtype else {}), **overrides)
+            owned = True  # loaded here: nobody else runs this teacher
+        else:
+            owned = False
+        missing = [name for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler") if not hasattr(teacher, name)]
+        if missing:
+            raise ValueError(
+                f"`teacher` must be a Stable-Diffusion-like pipeline (vae, text_encoder, tokenizer, unet, scheduler); "
+                f"{type(teacher).__name__} lacks {missing}."
+            )
+        parts = {name: getattr(teacher, name) for name in ("vae", "text_encoder", "tokenizer")}
+        if unet is None:
+            unet = teacher.unet
+        if lora is not None and not owned:
+            # the adapter goes into copies that share the teacher's weights, never into the teacher's own modules
+            if unet is teacher.unet:
+                unet = share_weights_copy(unet)
+            if parts["text_encoder"] is not None:
+                parts["text_encoder"] = share_weights_copy(parts["text_encoder"])
+
+        # 4. The scheduler: the student's saved config, else the teacher's; explicit arguments override either
+        explicit = {"t_init": t_init, "input_type": input_type, **scheduler_kwargs}
+        explicit = {key: value for key, value in explicit.items() if value is not None}
+        if student_scheduler is not None:
+            overridden = {k: v for k, v in explicit.items() if k in student_scheduler and student_scheduler[k] != v}
+            if overridden:
+                logger.info(f"Overriding the student's saved scheduler config with {overridden}.")
+            scheduler = ConsistencyStudentScheduler.from_config(student_scheduler, **explicit)
+        else:
+            scheduler = ConsistencyStudentScheduler.from_config(teacher.scheduler.config, **explicit)
+        if nasa_scale is None:
+            nasa_scale = student_extra.get("nasa_scale", DEFAULT_NASA_SCALE)
+
         pipe = cls(**parts, unet=unet, scheduler=scheduler, nasa_scale=nasa_scale)
         if lora is not None:
             pipe.load_lora_weights(lora, use_safetensors=True)
         return pipe
 
+    def fuse_lora(self, components: list[str] | None = None, **kwargs):
+        r"""
+        `StableDiffusionLoraLoaderMixin.fuse_lora`; on a student built by `from_teacher(teacher_pipe, lora=...)`, the
+        adapted layers first get their own copy of the base weights, so fusing never changes the teacher.
+        """
+        components = ["unet", "text_encoder"] if components is None else components
+        for name in components:
+            module = getattr(self, name, None)
+            if module is not None and module.__dict__.get("_onestep_shares_weights"):
+                _unshare_adapted_weights(module)
+        return super().fuse_lora(components=components, **kwargs)
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str | None = None,
+        push_to_hub: bool = False,
+        **kwargs,
+    ):
+        r"""
+        `DiffusionPipeline.save_pretrained`, always in safetensors. A pipeline with a LoRA adapter loaded is refused
+        with what to do (such a directory would not reload): save the adapter alone, or bake it in first.
+        """
+        loaded = [name for name in ("unet", "text_encoder") if getattr(getattr(self, name, None), "peft_config", None)]
+        if loaded:
+            raise ValueError(
+                f"`save_pretrained`: {loaded} carry a LoRA adapter, and a directory saved so would not reload. Either "
+                "save the adapter alone with `pipe.save_lora_weights(save_directory, unet_lora_layers="
+                "peft.utils.get_peft_model_state_dict(pipe.unet))` and reload it with "
+                "`OneStepPipeline.from_teacher(teacher, lora=save_directory)`, or bake it into the weights with "
+                "`pipe.fuse_lora(); pipe.unload_lora_weights()` and then call `save_pretrained`."
+            )
+        if not safe_serialization:
+            raise ValueError("`safe_serialization` must be True (or left unset): weights are saved as safetensors.")
+        return super().save_pretrained(
+            save_directory, safe_serialization=True, variant=variant, max_shard_size=max_shard_size,
+            push_to_hub=push_to_hub, **kwargs,
+        )  # fmt: skip
+
+    # ---------------------------------------------------------------- prompts and checks
+
     def encode_prompt(
         self,
         prompt: str | list[str] | None,
         device: torch.device,
-        num_images_per_prompt: int,
+        num_images_per_prompt: int = 1,
         prompt_embeds: torch.Tensor | None = None,
         lora_scale: float | None = None,
         clip_skip: int | None = None,
@@ -213,11 +328,16 @@ class OneStepPipeline(
         r"""
         Encodes one branch of prompts (positive, negative or empty) with `text_encoding.encode_prompt`, applying the
         text-encoder LoRA scale and textual-inversion tokens as `StableDiffusionPipeline` does. Returns
-        `(batch * num_images_per_prompt, tokens, dim)`.
+        `(batch * num_images_per_prompt, tokens, dim)`. Works without a text encoder when `prompt_embeds` is given.
         """
         if prompt_embeds is not None:
             dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
             return repeat_embeddings(prompt_embeds.to(device=device, dtype=dtype), num_images_per_prompt)
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError(
+                "This pipeline has no `text_encoder` / `tokenizer`: pass `prompt_embeds` (and "
+                "`negative_prompt_embeds`) instead of text."
+            )
         prompt = self.maybe_convert_prompt(prompt, self.tokenizer)
         scaled = lora_scale is not None and USE_PEFT_BACKEND
         if scaled:
@@ -230,9 +350,11 @@ class OneStepPipeline(
 
     def check_inputs(
         self,
+        *,
         prompt,
         negative_prompt,
         nasa_scale,
+        nasa_scale_given: bool,
         guidance_scale,
         num_inference_steps,
         timesteps,
@@ -244,49 +366,38 @@ class OneStepPipeline(
         prompt_embeds,
         negative_prompt_embeds,
         output_type,
+        callback_on_step_end,
         callback_on_step_end_tensor_inputs,
-        nasa_scale_given,
     ) -> int:
         r"""Validates every argument before any work; returns the prompt batch size."""
-        if (prompt is None) == (prompt_embeds is None):
-            raise ValueError("Pass exactly one of `prompt` or `prompt_embeds` (got both or neither).")
-        if prompt is not None and not (
-            isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt))
-        ):
-            raise ValueError(f"`prompt` must be a `str` or a `list[str]`, got {type(prompt)}.")
-        if prompt_embeds is not None and (prompt_embeds.ndim != 3 or prompt_embeds.shape[0] == 0):
-            raise ValueError(f"`prompt_embeds` must be (batch, tokens, dim), got shape {tuple(prompt_embeds.shape)}.")
-        batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
-        if batch_size == 0:
-            raise ValueError("`prompt` must not be an empty list.")
-        cross_dim = self.unet.config.cross_attention_dim
-        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
-            if embeds is not None and embeds.shape[-1] != cross_dim:
-                raise ValueError(f"`{name}` has last dimension {embeds.shape[-1]}; the UNet expects {cross_dim}.")
-        if negative_prompt is not None and negative_prompt_embeds is not None:
-            raise ValueError("Pass at most one of `negative_prompt` or `negative_prompt_embeds` (got both).")
-        if negative_prompt is not None and not isinstance(negative_prompt, str):
-            if not isinstance(negative_prompt, list) or not all(isinstance(p, str) for p in negative_prompt):
-                raise ValueError(f"`negative_prompt` must be a `str` or a `list[str]`, got {type(negative_prompt)}.")
-            if len(negative_prompt) != batch_size:
-                raise ValueError(
-                    f"`negative_prompt` has batch size {len(negative_prompt)} but `prompt` has {batch_size}: pass one "
-                    "string for all prompts or one negative per prompt."
-                )
-        if negative_prompt_embeds is not None and negative_prompt_embeds.shape[0] not in (1, batch_size):
+        batch_size = check_prompts(
+            prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, embed_dim=self.unet.config.cross_attention_dim,
+        )  # fmt: skip
+        if self.text_encoder is None and (prompt is not None or negative_prompt is not None):
             raise ValueError(
-                f"`negative_prompt_embeds` has batch size {negative_prompt_embeds.shape[0]}; expected 1 or {batch_size}."
+                "This pipeline has no `text_encoder`: pass `prompt_embeds` / `negative_prompt_embeds` instead of text."
             )
         if nasa_scale is not None:
             check_nasa_scale(nasa_scale)
-        if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale) and guidance_scale >= 1):
-            raise ValueError(f"`guidance_scale` must be a finite number >= 1 (1 disables CFG), got {guidance_scale}.")
+        if not (
+            isinstance(guidance_scale, (int, float))
+            and not isinstance(guidance_scale, bool)
+            and math.isfinite(guidance_scale)
+            and guidance_scale >= 0
+        ):
+            raise ValueError(
+                f"`guidance_scale` must be a finite number >= 0 (CFG runs only above 1; 0 and 1 mean none), got "
+                f"{guidance_scale}."
+            )
         if guidance_scale > 1 and nasa_scale_given and nasa_scale > 0:
             raise ValueError(
                 "`guidance_scale` > 1 uses the negative prompt as CFG's unconditional branch; NASA cannot run in the "
-                "same call: set `nasa_scale=0` or `guidance_scale=1`."
+                "same call: set `nasa_scale=0` or `guidance_scale<=1`."
             )
-        if timesteps is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
+        if timesteps is None and (
+            not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1
+        ):
             raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps}.")
         if timesteps is not None:
             num_train = self.scheduler.config.num_train_timesteps
@@ -295,45 +406,43 @@ class OneStepPipeline(
                 raise ValueError(f"`timesteps` must be a non-empty list of integers in [0, {num_train}), got {steps}.")
             if any(a <= b for a, b in zip(steps, steps[1:])):
                 raise ValueError(f"`timesteps` must be strictly descending, got {steps}.")
-        for name, size in (("height", height), ("width", width)):
-            if size is not None and (not isinstance(size, int) or size <= 0 or size % self.vae_scale_factor):
-                raise ValueError(f"`{name}` must be a positive multiple of {self.vae_scale_factor}, got {size}.")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be an integer >= 1, got {num_images_per_prompt}.")
+        check_image_size(height=height, width=width, vae_scale_factor=self.vae_scale_factor)
+        check_num_images_per_prompt(num_images_per_prompt)
         total = batch_size * num_images_per_prompt
-        if isinstance(generator, list) and len(generator) != total:
-            raise ValueError(
-                f"`generator` is a list of {len(generator)} generators; expected {total} "
-                "(batch size x num_images_per_prompt), or a single generator."
-            )
-        if latents is not None and latents.shape[0] != total:
-            raise ValueError(f"`latents` has batch size {latents.shape[0]}; expected {total}.")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
-        if unknown:
-            raise ValueError(
-                f"`callback_on_step_end_tensor_inputs` has {unknown}; allowed: {self._callback_tensor_inputs}."
-            )
+        check_generator(generator, total=total)
+        check_latents(latents, total=total)
+        check_output_type(output_type)
+        self.check_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        size = self.unet.config.sample_size * self.vae_scale_factor
+        check_fits_in_memory(
+            total=total, height=height or size, width=width or size, channels=self.vae.config.out_channels,
+            device=self._execution_device, num_images_per_prompt=num_images_per_prompt,
+        )  # fmt: skip
         return batch_size
 
-    def prepare_latents(self, batch_size, num_channels, height, width, dtype, device, generator, latents=None):
-        r"""Initial noise `z` of shape `(batch, C, height / f, width / f)`, scaled by `init_noise_sigma`."""
-        shape = (batch_size, num_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"`latents` has shape {tuple(latents.shape)}; expected {shape}.")
-        else:
-            latents = latents.to(device=device, dtype=dtype)
-        return latents * self.scheduler.init_noise_sigma
+    def _prompt_embeddings(
+        self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, batch_size, needs_negative, device,
+        lora_scale, clip_skip,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """Positive and (when needed) negative embeddings, in one text-encoder call when both are text."""
+        if needs_negative and negative_prompt_embeds is None:
+            negative_prompt = "" if negative_prompt is None else negative_prompt
+            negative_prompt = [negative_prompt] * batch_size if isinstance(negative_prompt, str) else negative_prompt
+        if prompt_embeds is None and needs_negative and negative_prompt_embeds is None:
+            prompt = [prompt] if isinstance(prompt, str) else prompt
+            both = self.encode_prompt(prompt + negative_prompt, device, 1, None, lora_scale, clip_skip)
+            return both.split(batch_size)
+        prompt_embeds = self.encode_prompt(prompt, device, 1, prompt_embeds, lora_scale, clip_skip)
+        if not needs_negative:
+            return prompt_embeds, None
+        if negative_prompt_embeds is not None and negative_prompt_embeds.shape[0] == 1:
+            negative_prompt_embeds = negative_prompt_embeds.expand(batch_size, -1, -1)
+        negative_prompt_embeds = self.encode_prompt(
+            negative_prompt, device, 1, negative_prompt_embeds, lora_scale, clip_skip
+        )
+        return prompt_embeds, negative_prompt_embeds
 
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        r"""VAE decode with the VAE's `scaling_factor` (and `shift_factor` where it has one); returns `[-1, 1]`."""
-        latents = latents.to(_first_tensor(self.vae).dtype) / self.vae.config.scaling_factor
-        if getattr(self.vae.config, "shift_factor", None):
-            latents = latents + self.vae.config.shift_factor
-        return self.vae.decode(latents, return_dict=False)[0]
+    # ---------------------------------------------------------------- generation
 
     @torch.no_grad()
     def __call__(
@@ -367,126 +476,116 @@ class OneStepPipeline(
                 for all prompts or one per prompt.
             nasa_scale (`float`, *optional*): NASA `alpha` in [0, 1.5] in practice; defaults to the config's value.
             num_inference_steps (`int`, defaults to 1): student steps; more than one re-noises the prediction at
-                `floor(t_init (1 - i / K))`.
+                `floor(t_init (1 - i / K))` (with another scheduler: that scheduler's own schedule).
             timesteps (`list[int]`, *optional*): custom strictly descending timesteps (overrides
-                `num_inference_steps`).
-            guidance_scale (`float`, defaults to 1.0): output-space CFG, opt-in (> 1); the negative prompt then acts
-                as the unconditional branch and NASA is off. Costs a second UNet evaluation per step.
+                `num_inference_steps`), for schedulers whose `set_timesteps` accepts them.
+            guidance_scale (`float`, defaults to 1.0): output-space CFG runs only above 1 (0 and 1 mean none, as in
+                diffusers' Turbo / LCM pipelines); the negative prompt is then the unconditional branch and NASA is
+                off. Costs a second UNet evaluation per step.
             height, width (`int`, *optional*): image size; defaults to the UNet's sample size times the VAE factor.
             num_images_per_prompt (`int`, defaults to 1): images per prompt.
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*): one, or one per image.
-            latents (`torch.Tensor`, *optional*): the initial noise `z`, `(batch, C, h, w)`.
+            latents (`torch.Tensor`, *optional*): the initial noise `z`, `(batch, C, h, w)`, finite; moved to the
+                execution device and the embeddings' dtype.
             prompt_embeds, negative_prompt_embeds (`torch.Tensor`, *optional*): precomputed text features.
             output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"`, `"pt"` or `"latent"`.
             return_dict (`bool`, defaults to True): return a `OneStepPipelineOutput` instead of a tuple.
             cross_attention_kwargs (`dict`, *optional*): passed to the attention processors (`scale` sets LoRA scale).
             clip_skip (`int`, *optional*): CLIP layers to skip.
-            callback_on_step_end (`Callable`, *optional*): `callback(pipe, step, timestep, callback_kwargs) -> dict`
-                after every step; the returned tensors replace the pipeline's.
+            callback_on_step_end (`Callable` or `PipelineCallback`, *optional*): `callback(pipe, step, timestep,
+                callback_kwargs) -> dict` after every step; the returned tensors replace the pipeline's. diffusers'
+                built-in callbacks (`SDCFGCutoffCallback`, ...) work: under CFG `prompt_embeds` is
+                `cat([negative, positive])` as in `StableDiffusionPipeline`.
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*): tensors handed to the callback, from
                 `_callback_tensor_inputs`; defaults to `["latents"]`.
 
         Returns:
             `OneStepPipelineOutput` (or `(images, nfe)` with `return_dict=False`).
         """
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        tensor_inputs = self.callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         nasa_scale_given = nasa_scale is not None
         nasa_scale = self.config.nasa_scale if nasa_scale is None else nasa_scale
 
         # 1. Check inputs (raises before any work)
         batch_size = self.check_inputs(
-            prompt, negative_prompt, nasa_scale, guidance_scale, num_inference_steps, timesteps, height, width,
-            num_images_per_prompt, generator, latents, prompt_embeds, negative_prompt_embeds, output_type,
-            callback_on_step_end_tensor_inputs, nasa_scale_given,
+            prompt=prompt, negative_prompt=negative_prompt, nasa_scale=nasa_scale, nasa_scale_given=nasa_scale_given,
+            guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, timesteps=timesteps,
+            height=height, width=width, num_images_per_prompt=num_images_per_prompt, generator=generator,
+            latents=latents, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            output_type=output_type, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=tensor_inputs,
         )  # fmt: skip
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         device = self._execution_device
-        do_cfg = guidance_scale > 1
+        self._guidance_scale = guidance_scale
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._clip_skip = clip_skip
+        self._interrupt = False
         lora_scale = (cross_attention_kwargs or {}).get("scale")
 
-        # 2. Encode the prompts: positive, negative (for NASA or CFG) or empty (CFG without a negative), in one
-        # text-encoder call when both are text
+        # 2. Encode the prompts: positive, negative (for NASA or CFG) or empty (CFG without a negative)
         has_negative = negative_prompt is not None or negative_prompt_embeds is not None
-        needs_negative = has_negative or do_cfg
-        if needs_negative and negative_prompt_embeds is None:
-            negative_prompt = "" if negative_prompt is None else negative_prompt
-            negative_prompt = [negative_prompt] * batch_size if isinstance(negative_prompt, str) else negative_prompt
-        if prompt_embeds is None and needs_negative and negative_prompt_embeds is None:
-            prompt = [prompt] if isinstance(prompt, str) else prompt
-            both = self.encode_prompt(prompt + negative_prompt, device, 1, None, lora_scale, clip_skip)
-            prompt_embeds, negative_prompt_embeds = both.split(batch_size)
-        else:
-            prompt_embeds = self.encode_prompt(prompt, device, 1, prompt_embeds, lora_scale, clip_skip)
-            if needs_negative:
-                if negative_prompt_embeds is not None and negative_prompt_embeds.shape[0] == 1:
-                    negative_prompt_embeds = negative_prompt_embeds.expand(batch_size, -1, -1)
-                negative_prompt_embeds = self.encode_prompt(
-                    negative_prompt, device, 1, negative_prompt_embeds, lora_scale, clip_skip
-                )
+        needs_negative = has_negative or self.do_classifier_free_guidance
+        prompt_embeds, negative_prompt_embeds = self._prompt_embeddings(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, batch_size, needs_negative, device,
+            lora_scale, clip_skip,
+        )  # fmt: skip
         prompt_embeds = repeat_embeddings(prompt_embeds, num_images_per_prompt)
         if needs_negative:
             negative_prompt_embeds = repeat_embeddings(negative_prompt_embeds, num_images_per_prompt)
+        use_nasa = has_negative and not self.do_classifier_free_guidance and nasa_scale > 0
+        if self.do_classifier_free_guidance:  # as StableDiffusionPipeline holds them (what CFG callbacks slice)
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
 
-        # 3. Timesteps of the student
-        self.scheduler.set_timesteps(num_inference_steps=None if timesteps else num_inference_steps,
-                                     device=device, timesteps=timesteps)  # fmt: skip
-        timesteps = self.scheduler.timesteps
+        # 3. Timesteps, the way diffusers' `retrieve_timesteps` sets them
+        timesteps, num_inference_steps = self.retrieve_timesteps(num_inference_steps, device, timesteps)
+        self._num_timesteps = len(timesteps)
 
         # 4. Initial noise z
         latents = self.prepare_latents(
             batch_size * num_images_per_prompt, self.unet.config.in_channels, height, width, prompt_embeds.dtype,
             device, generator, latents,
         )  # fmt: skip
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator)
 
         # 5. Student steps: UNet at the conditioning timestep, x0, re-noise if more steps
-        use_nasa = has_negative and not do_cfg and nasa_scale > 0
         nasa = nasa_attention(self.unet, negative_prompt_embeds, nasa_scale) if use_nasa else nullcontext()
         progress = self.progress_bar(total=len(timesteps)) if len(timesteps) > 1 else nullcontext()
-        denoised = latents
+        denoised, nfe = latents, 0
         with nasa, progress:
             for i, t in enumerate(timesteps):
-                model_input = self.scheduler.scale_model_input(latents, t)
-                if do_cfg:
-                    model_output = self.unet(
-                        torch.cat([model_input] * 2), t,
-                        encoder_hidden_states=torch.cat([negative_prompt_embeds, prompt_embeds]),
-                        cross_attention_kwargs=cross_attention_kwargs, return_dict=False,
-                    )[0]  # fmt: skip
+                if self.interrupt:
+                    continue
+                cfg = self.do_classifier_free_guidance and prompt_embeds.shape[0] == 2 * latents.shape[0]
+                model_input = torch.cat([latents] * 2) if cfg else latents
+                model_input = self.scheduler.scale_model_input(model_input, t)
+                model_output = self.unet(
+                    model_input, t, encoder_hidden_states=prompt_embeds,
+                    cross_attention_kwargs=cross_attention_kwargs, return_dict=False,
+                )[0]  # fmt: skip
+                nfe += 2 if cfg else 1
+                if cfg:
                     uncond, cond = model_output.chunk(2)
-                    model_output = classifier_free_guidance(uncond, cond, guidance_scale)
-                else:
-                    model_output = self.unet(
-                        model_input, t, encoder_hidden_states=prompt_embeds,
-                        cross_attention_kwargs=cross_attention_kwargs, return_dict=False,
-                    )[0]  # fmt: skip
-                latents, denoised = self.scheduler.step(
-                    model_output, t, latents, generator=generator, return_dict=False
-                )
+                    model_output = classifier_free_guidance(uncond, cond, self.guidance_scale)
+                latents, denoised = self.scheduler_step(model_output, t, latents, extra_step_kwargs)
 
                 if callback_on_step_end is not None:
-                    local_vars = locals()
-                    callback_kwargs = {k: local_vars[k] for k in callback_on_step_end_tensor_inputs}
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
-                    latents = callback_outputs.pop("latents", latents)
-                    denoised = callback_outputs.pop("denoised", denoised)
-                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
-                    negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                    tensors = self.run_callback(
+                        callback_on_step_end, i, t, tensor_inputs,
+                        {"latents": latents, "denoised": denoised, "prompt_embeds": prompt_embeds,
+                         "negative_prompt_embeds": negative_prompt_embeds},
+                    )  # fmt: skip
+                    latents, denoised = tensors["latents"], tensors["denoised"]
+                    prompt_embeds, negative_prompt_embeds = tensors["prompt_embeds"], tensors["negative_prompt_embeds"]
                 if len(timesteps) > 1:
                     progress.update()
 
-        # 6. Decode
-        # (after the last step the scheduler returns latents == denoised: the clean x0)
-        if output_type == "latent":
-            image = latents
-        else:
-            image = self.decode_latents(latents)
-            image = self.image_processor.postprocess(image, output_type=output_type)
+        # 6. Decode (after the last step our scheduler returns latents == denoised: the clean x0)
+        image = self.postprocess_latents(latents, output_type)
         self.maybe_free_model_hooks()
 
-        nfe = len(timesteps) * (2 if do_cfg else 1)
         if not return_dict:
             return (image, nfe)
         return OneStepPipelineOutput(images=image, nfe=nfe)
+

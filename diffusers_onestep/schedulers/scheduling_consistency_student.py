@@ -19,13 +19,12 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..losses.denoiser import PREDICTION_TYPES, alpha_sigma, to_x0_eps
+from ..models.denoiser import INPUT_TYPES, PREDICTION_TYPES, alpha_sigma, student_input, to_x0_eps
 
 
 __all__ = ["ConsistencyStudentScheduler", "ConsistencyStudentSchedulerOutput"]
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-INPUT_TYPES = ("noise", "scaled_noise")
 
 
 @dataclass
@@ -191,10 +190,10 @@ class ConsistencyStudentScheduler(SchedulerMixin, ConfigMixin):
 
     def _model_input(self, sample: torch.Tensor, index: int) -> torch.Tensor:
         r"""What the student sees: `s_{t_0} z` on the first step with `input_type="scaled_noise"`, else `sample`."""
-        if index != 0 or self.config.input_type == "noise":
+        if index != 0:
             return sample
-        _, sigma = self._alpha_sigma(self.timesteps[0], sample)
-        return (sigma * sample.float()).to(sample.dtype)
+        self.alphas_cumprod = self.alphas_cumprod.to(sample.device)
+        return student_input(self.alphas_cumprod, int(self.timesteps[0]), sample, self.config.input_type)
 
     def scale_model_input(self, sample: torch.Tensor, timestep: int | torch.Tensor | None = None) -> torch.Tensor:
         r"""

@@ -1,6 +1,7 @@
-"""One adapter from a diffusers UNet + noise schedule to the denoiser convention (x0 and eps).
+"""The shared VP math (the bottom floor: imported by schedulers, pipelines and losses, importing none of them).
 
-Every loss and the student scheduler call `to_x0_eps` or `Denoiser` instead of branching on `prediction_type`
+One adapter from a diffusers UNet + noise schedule to the denoiser convention (x0 and eps), and the student's input
+rule. Every loss, the pipelines and the student scheduler call `to_x0_eps` or `Denoiser` instead of branching on `prediction_type`
 (k-diffusion's `external.py` idea). VP notation of METHODS.md: `x_t = a_t x0 + s_t eps`, `a_t = sqrt(abar_t)`,
 `s_t = sqrt(1 - abar_t)`; CFG in the paper form `e(k) = (1 - k) e_uncond + k e_cond`.
 """
@@ -12,9 +13,19 @@ from dataclasses import dataclass
 import torch
 
 
-__all__ = ["PREDICTION_TYPES", "Denoiser", "DenoiserOutput", "alpha_sigma", "classifier_free_guidance", "to_x0_eps"]
+__all__ = [
+    "INPUT_TYPES",
+    "PREDICTION_TYPES",
+    "Denoiser",
+    "DenoiserOutput",
+    "alpha_sigma",
+    "classifier_free_guidance",
+    "student_input",
+    "to_x0_eps",
+]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+INPUT_TYPES = ("noise", "scaled_noise")
 
 
 def alpha_sigma(
@@ -145,3 +156,19 @@ class Denoiser:
             ).sample
         x0, eps = to_x0_eps(model_output, sample, alpha, sigma, self.prediction_type)
         return DenoiserOutput(x0=x0, eps=eps)
+
+
+def student_input(
+    alphas_cumprod: torch.Tensor, t_init: int, noise: torch.Tensor, input_type: str = "noise"
+) -> torch.Tensor:
+    r"""
+    The one-step student's network input `x_{t_init}` for the initial noise `noise` (`(batch, C, H, W)`): `z` itself
+    (`input_type="noise"`, SwiftBrush) or `s_{t_init} z`, i.e. `x_{t_init}` with `x0 = 0` (`"scaled_noise"`,
+    SiD-LSG). The one rule used by `ConsistencyStudentScheduler` and by the training losses.
+    """
+    if input_type == "noise":
+        return noise
+    if input_type == "scaled_noise":
+        _, sigma = alpha_sigma(alphas_cumprod.to(noise.device), t_init, noise.ndim)
+        return (sigma * noise.float()).to(noise.dtype)
+    raise ValueError(f"`input_type` must be one of {INPUT_TYPES}, got {input_type!r}.")

@@ -1,0 +1,356 @@
+"""The shared layer of our pipelines: input checks, latents, decoding, output types, callbacks, NASA, offload.
+
+`OneStepPipeline`, `AdaptiveCollabPipeline` and the backbone siblings compose these pieces instead of repeating them.
+Checks are plain functions (keyword-only, one message per argument, naming the argument and the allowed values) so a
+pipeline validates every argument before any work; `OneStepPipelineMixin` holds what needs `self` (the VAE factor read
+from the VAE, the fast execution device, the callback state diffusers' built-in callbacks read).
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import os
+from collections.abc import Callable
+
+import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils import logging
+from diffusers.utils.torch_utils import randn_tensor
+
+
+__all__ = [
+    "OUTPUT_TYPES",
+    "OneStepPipelineMixin",
+    "check_embeds",
+    "check_generator",
+    "check_image_size",
+    "check_latents",
+    "check_num_images_per_prompt",
+    "check_output_type",
+    "check_prompts",
+    "check_fits_in_memory",
+    "decode_latents",
+    "first_tensor",
+    "vae_scale_factor_of",
+]
+
+logger = logging.get_logger(__name__)
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def first_tensor(module: torch.nn.Module) -> torch.Tensor | None:
+    r"""The first parameter or buffer of `module` (what `ModelMixin.device` returns, without its module walk)."""
+    return next(itertools.chain(module.parameters(), module.buffers()), None)
+
+
+def vae_scale_factor_of(vae) -> int:
+    r"""The spatial down-sampling factor of `vae`, read from its config (`2 ** (levels - 1)`), never assumed to be 8."""
+    if vae is None:
+        return 8
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    r"""VAE decode with the VAE's `scaling_factor` (and `shift_factor` where it has one); returns `[-1, 1]` images."""
+    latents = latents.to(first_tensor(vae).dtype) / vae.config.scaling_factor
+    if getattr(vae.config, "shift_factor", None):
+        latents = latents + vae.config.shift_factor
+    return vae.decode(latents, return_dict=False)[0]
+
+
+def _is_str_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(p, str) for p in value)
+
+
+def check_prompts(
+    *,
+    prompt,
+    negative_prompt=None,
+    prompt_embeds: torch.Tensor | None = None,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    text_required: bool = False,
+    embed_dim: int | None = None,
+) -> int:
+    r"""
+    Validates the prompt arguments and returns the prompt batch size. `text_required` refuses `prompt_embeds` (the
+    adaptive pipeline's oracle reads the text); `embed_dim` is the width the denoiser's cross-attention expects.
+    """
+    if text_required and (prompt is None or not (isinstance(prompt, str) or (_is_str_list(prompt) and prompt))):
+        raise ValueError(f"`prompt` must be a `str` or a non-empty `list[str]` (the oracle reads it), got {prompt!r}.")
+    if (prompt is None) == (prompt_embeds is None):
+        raise ValueError("Pass exactly one of `prompt` or `prompt_embeds` (got both or neither).")
+    if prompt is not None and not (isinstance(prompt, str) or _is_str_list(prompt)):
+        raise ValueError(f"`prompt` must be a `str` or a `list[str]`, got {type(prompt)}.")
+    if prompt_embeds is not None and (
+        not torch.is_tensor(prompt_embeds) or prompt_embeds.ndim != 3 or prompt_embeds.shape[0] == 0
+    ):
+        shape = tuple(prompt_embeds.shape) if torch.is_tensor(prompt_embeds) else type(prompt_embeds)
+        raise ValueError(f"`prompt_embeds` must be a (batch, tokens, dim) tensor, got {shape}.")
+    batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+    if batch_size == 0:
+        raise ValueError("`prompt` must not be an empty list.")
+    if negative_prompt is not None and negative_prompt_embeds is not None:
+        raise ValueError("Pass at most one of `negative_prompt` or `negative_prompt_embeds` (got both).")
+    if negative_prompt is not None and not isinstance(negative_prompt, str):
+        if not _is_str_list(negative_prompt):
+            raise ValueError(f"`negative_prompt` must be a `str` or a `list[str]`, got {type(negative_prompt)}.")
+        if len(negative_prompt) != batch_size:
+            raise ValueError(
+                f"`negative_prompt` has batch size {len(negative_prompt)} but `prompt` has {batch_size}: pass one "
+                "string for all prompts or one negative per prompt."
+            )
+    if negative_prompt_embeds is not None:
+        if not torch.is_tensor(negative_prompt_embeds) or negative_prompt_embeds.ndim != 3:
+            raise ValueError("`negative_prompt_embeds` must be a (batch, tokens, dim) tensor.")
+        if negative_prompt_embeds.shape[0] not in (1, batch_size):
+            raise ValueError(
+                f"`negative_prompt_embeds` has batch size {negative_prompt_embeds.shape[0]}; expected 1 or "
+                f"{batch_size}."
+            )
+    for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+        check_embeds(embeds, name=name, embed_dim=embed_dim)
+    return batch_size
+
+
+def check_embeds(embeds: torch.Tensor | None, *, name: str, embed_dim: int | None = None) -> None:
+    r"""Refuses embeddings of the wrong width and non-finite embeddings (they would give NaN images silently)."""
+    if embeds is None:
+        return
+    if embed_dim is not None and embeds.shape[-1] != embed_dim:
+        raise ValueError(f"`{name}` has last dimension {embeds.shape[-1]}; the denoiser expects {embed_dim}.")
+    if embeds.is_floating_point() and not torch.isfinite(embeds).all():
+        raise ValueError(f"`{name}` contains NaN or infinite values.")
+
+
+def check_image_size(*, height: int | None, width: int | None, vae_scale_factor: int) -> None:
+    r"""`height` and `width` must be positive multiples of the VAE factor (or `None` for the default size)."""
+    for name, size in (("height", height), ("width", width)):
+        if size is not None and (
+            not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % vae_scale_factor
+        ):
+            raise ValueError(f"`{name}` must be a positive multiple of {vae_scale_factor}, got {size}.")
+
+
+def check_num_images_per_prompt(num_images_per_prompt) -> None:
+    if not isinstance(num_images_per_prompt, int) or isinstance(num_images_per_prompt, bool) or num_images_per_prompt < 1:
+        raise ValueError(f"`num_images_per_prompt` must be an integer >= 1, got {num_images_per_prompt}.")
+
+
+def check_generator(generator, *, total: int) -> None:
+    r"""
+    `generator` must be `None`, a `torch.Generator`, or a list of exactly `total` of them (one per image). numpy
+    generators and integer seeds are refused with a message saying how to make a `torch.Generator`.
+    """
+    hint = "use `torch.Generator(device).manual_seed(seed)`"
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if isinstance(generator, list):
+        if len(generator) != total:
+            raise ValueError(
+                f"`generator` is a list of {len(generator)} generators; expected {total} "
+                "(batch size x num_images_per_prompt), or a single generator."
+            )
+        bad = [i for i, g in enumerate(generator) if not isinstance(g, torch.Generator)]
+        if bad:
+            raise ValueError(
+                f"`generator` must hold only `torch.Generator`s; entries {bad} are "
+                f"{sorted({type(generator[i]).__name__ for i in bad})} ({hint})."
+            )
+        return
+    raise ValueError(
+        f"`generator` must be a `torch.Generator` or a list of them, got {type(generator).__name__} ({hint})."
+    )
+
+
+def check_latents(latents, *, shape: tuple[int, ...] | None = None, total: int | None = None) -> None:
+    r"""
+    Initial latents must be a finite tensor of `shape` (or of batch `total`). They may live on any device and dtype:
+    the pipeline moves them to its execution device and the prompt embeddings' dtype, as diffusers' pipelines do.
+    """
+    if latents is None:
+        return
+    if not torch.is_tensor(latents) or latents.ndim != 4:
+        got = tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
+        raise ValueError(f"`latents` must be a (batch, C, h, w) tensor, got {got}.")
+    if total is not None and latents.shape[0] != total:
+        raise ValueError(f"`latents` has batch size {latents.shape[0]}; expected {total}.")
+    if shape is not None and tuple(latents.shape) != tuple(shape):
+        raise ValueError(f"`latents` has shape {tuple(latents.shape)}; expected {tuple(shape)}.")
+    if not torch.isfinite(latents).all():
+        raise ValueError("`latents` contains NaN or infinite values.")
+
+
+def check_output_type(output_type) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+
+
+def _available_memory(device: torch.device) -> int | None:
+    """Free bytes on an accelerator, or the machine's physical memory for the CPU (`None` where unknown)."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[0]
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, RuntimeError, ValueError):
+        return None
+    return None
+
+
+def check_fits_in_memory(
+    *, total: int, height: int, width: int, channels: int, device: torch.device, num_images_per_prompt: int
+) -> None:
+    r"""
+    Refuses a request whose decoded float32 images alone (`total x channels x height x width x 4` bytes, a lower bound
+    of what the call allocates) exceed the device's free memory (the physical memory on the CPU), before any work, with
+    the largest `num_images_per_prompt` that could fit.
+    """
+    available = _available_memory(torch.device(device))
+    if available is None:
+        return
+    per_image = max(channels, 3) * height * width * 4
+    if total * per_image > available:
+        batch = max(total // num_images_per_prompt, 1)
+        fits = max(available // (per_image * batch), 0)
+        raise ValueError(
+            f"`num_images_per_prompt`={num_images_per_prompt} asks for {total} images of {height}x{width}: the decoded "
+            f"images alone need {total * per_image / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB "
+            f"available on {device}; use at most {fits} per prompt (or call the pipeline in smaller batches)."
+        )
+
+
+class OneStepPipelineMixin:
+    r"""
+    What our pipelines share beyond `DiffusionPipeline`: the VAE factor and image processor, a fast execution device,
+    latents, decoding and output types, the callback loop with the state diffusers' built-in callbacks read
+    (`num_timesteps`, `guidance_scale`, `_guidance_scale`, `do_classifier_free_guidance`, `cross_attention_kwargs`,
+    `clip_skip`, `interrupt`), and the scheduler calls made the way diffusers' `retrieve_timesteps` and
+    `prepare_extra_step_kwargs` make them, so any compatible diffusers scheduler runs.
+    """
+
+    _guidance_scale: float = 1.0
+    _num_timesteps: int = 0
+    _cross_attention_kwargs: dict | None = None
+    _clip_skip: int | None = None
+    _interrupt: bool = False
+
+    def _init_image_processor(self) -> None:
+        self.vae_scale_factor = vae_scale_factor_of(getattr(self, "vae", None))
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        r"""Output-space CFG runs iff `guidance_scale > 1` (so 0 and 1 both mean no guidance, as in diffusers)."""
+        return self._guidance_scale > 1
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def cross_attention_kwargs(self) -> dict | None:
+        return self._cross_attention_kwargs
+
+    @property
+    def clip_skip(self) -> int | None:
+        return self._clip_skip
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    @property
+    def _execution_device(self) -> torch.device:
+        r"""
+        diffusers finds the execution device (and `ModelMixin.device` / `.dtype`) by walking every submodule for
+        offload hooks: about 5 ms per call for a 6M-parameter UNet, several percent of a one-step call. Offloading
+        always hooks the top-level module (accelerate's `_hf_hook`, diffusers' group-offloading `_diffusers_hook`), so
+        without such a hook the device of the first parameter is the answer (an accelerator one first, like
+        `DiffusionPipeline.device`).
+        """
+        components = [c for c in self.components.values() if isinstance(c, torch.nn.Module)]
+        if any("_hf_hook" in c.__dict__ or "_diffusers_hook" in c.__dict__ for c in components):
+            return super()._execution_device
+        devices = [first_tensor(c).device for c in components if first_tensor(c) is not None]
+        return next(
+            (d for d in devices if d.type not in ("cpu", "meta")), devices[0] if devices else torch.device("cpu")
+        )
+
+    # ---------------------------------------------------------------- scheduler calls
+
+    def retrieve_timesteps(self, num_inference_steps: int | None, device, timesteps: list[int] | None):
+        r"""`set_timesteps` the way diffusers' `retrieve_timesteps` calls it: custom `timesteps` only where accepted."""
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+
+        if timesteps is not None and "timesteps" not in inspect.signature(self.scheduler.set_timesteps).parameters:
+            raise ValueError(
+                f"`timesteps`: the scheduler {type(self.scheduler).__name__} does not accept custom timesteps; pass "
+                "`num_inference_steps` instead, or use a scheduler that does (ConsistencyStudentScheduler, LCM, TCD, "
+                "DDPM, Euler)."
+            )
+        return retrieve_timesteps(self.scheduler, None if timesteps else num_inference_steps, device, timesteps)
+
+    def prepare_extra_step_kwargs(self, generator) -> dict:
+        r"""The optional `step` arguments this scheduler accepts (`generator`), as diffusers' pipelines pass them."""
+        accepted = inspect.signature(self.scheduler.step).parameters
+        return {"generator": generator} if "generator" in accepted else {}
+
+    def scheduler_step(self, model_output, t, latents, extra_step_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""One scheduler step; returns `(prev_sample, denoised)` (`denoised` is the predicted x0 where reported)."""
+        output = self.scheduler.step(model_output, t, latents, **extra_step_kwargs, return_dict=True)
+        denoised = getattr(output, "denoised", None)
+        if denoised is None:
+            denoised = getattr(output, "pred_original_sample", None)
+        return output.prev_sample, output.prev_sample if denoised is None else denoised
+
+    # ---------------------------------------------------------------- latents, decoding, callbacks
+
+    def prepare_latents(self, batch_size, num_channels, height, width, dtype, device, generator, latents=None):
+        r"""Initial noise `z` of shape `(batch, C, height / f, width / f)`, scaled by `init_noise_sigma`."""
+        shape = (batch_size, num_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        else:
+            check_latents(latents, shape=shape)
+            latents = latents.to(device=device, dtype=dtype)
+        return latents * self.scheduler.init_noise_sigma
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        r"""VAE decode with the VAE's `scaling_factor` (and `shift_factor`); returns `[-1, 1]` (`decode_latents`)."""
+        return decode_latents(self.vae, latents)
+
+    def postprocess_latents(self, latents: torch.Tensor, output_type: str):
+        r"""Latents to the requested output: unchanged for `"latent"`, else decoded and post-processed."""
+        if output_type == "latent":
+            return latents
+        return self.image_processor.postprocess(self.decode_latents(latents), output_type=output_type)
+
+    @staticmethod
+    def callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs) -> list[str]:
+        r"""The tensor names handed to the callback: a `PipelineCallback`'s own, else the given list or `["latents"]`."""
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            return callback_on_step_end.tensor_inputs
+        return callback_on_step_end_tensor_inputs or ["latents"]
+
+    def check_callback_inputs(self, callback_on_step_end: Callable | None, tensor_inputs: list[str]) -> None:
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise ValueError(f"`callback_on_step_end` must be callable, got {type(callback_on_step_end)}.")
+        unknown = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` has {unknown}; allowed: {self._callback_tensor_inputs}."
+            )
+
+    def run_callback(self, callback_on_step_end, i, t, tensor_inputs, tensors: dict) -> dict:
+        r"""Calls the step-end callback with the requested tensors and returns `tensors` updated with its outputs."""
+        if callback_on_step_end is None:
+            return tensors
+        outputs = callback_on_step_end(self, i, t, {k: tensors[k] for k in tensor_inputs}) or {}
+        return {**tensors, **{k: v for k, v in outputs.items() if k in tensors}}

@@ -126,7 +126,7 @@ def time_passes(teacher_path: str, args, lora: bool) -> dict[str, float]:
     teacher = load_teacher(teacher_path, device=device)
     rank = args.student_lora_rank if lora else 0
     unets = build_distillation_unets(
-        teacher.unet, rank, fake_score_lora_rank=args.fake_score_lora_rank, fake_score_lora_alpha=8
+        teacher.unet, student_lora_rank=rank, fake_score_lora_rank=args.fake_score_lora_rank, fake_score_lora_alpha=8
     )
     scheduler = ConsistencyStudentScheduler.from_config(teacher.scheduler.config, t_init=999)
     acp = teacher.scheduler.alphas_cumprod.to(device)

@@ -38,15 +38,16 @@ def test_preset_defaults_are_overridden_by_explicit_flags():
 
 
 def test_validate_training_args_names_the_argument(tmp_path):
-    base = ["--pretrained_teacher_model_name_or_path=t", "--train_prompts=p.txt"]
+    (tmp_path / "p.txt").write_text("a cat\n")
+    base = ["--pretrained_teacher_model_name_or_path=org/t", f"--train_prompts={tmp_path / 'p.txt'}"]
     for flag, match in [
         ("--checkpoints_total_limit=0", "--checkpoints_total_limit"),
         ("--train_batch_size=0", "--train_batch_size"),
         ("--t_init=1000", "--t_init"),
         ("--report_to=wandb", "--report_to wandb"),  # not installed here
     ]:
-        (args,) = parse_args((TrainingArguments,), [*base, flag])
         with pytest.raises(ValueError, match=match):
+            (args,) = parse_args((TrainingArguments,), [*base, flag])
             validate_training_args(args)
 
 
@@ -90,7 +91,9 @@ def test_shared_base_switches_adapters_and_routes_gradients():
     unet = get_dummy_components()["unet"]
     with torch.no_grad():
         reference = _forward(unet)
-    unets = build_distillation_unets(unet, 2, student_lora_alpha=4, fake_score_lora_rank=2, fake_score_lora_alpha=2)
+    unets = build_distillation_unets(
+        unet, student_lora_rank=2, student_lora_alpha=4, fake_score_lora_rank=2, fake_score_lora_alpha=2
+    )
     assert unets.shared and unets.student is unets.teacher
     base = [p for n, p in unets.teacher.named_parameters() if "lora_" not in n]
     assert not any(p.requires_grad for p in base)
@@ -118,7 +121,9 @@ def test_shared_base_switches_adapters_and_routes_gradients():
 
 def test_full_student_is_a_float32_copy_next_to_the_fake_score_adapter():
     unet = get_dummy_components()["unet"]
-    unets = build_distillation_unets(unet, 0, fake_score_lora_rank=2, fake_score_lora_alpha=4, dtype=torch.bfloat16)
+    unets = build_distillation_unets(
+        unet, student_lora_rank=0, fake_score_lora_rank=2, fake_score_lora_alpha=4, dtype=torch.bfloat16
+    )
     assert not unets.shared and unets.student is not unets.teacher
     assert all(p.dtype == torch.float32 and p.requires_grad for p in unets.student.parameters())
     assert all(p.dtype == torch.float32 for p in unets.fake_score_parameters)
@@ -163,7 +168,10 @@ def test_format_command_hides_the_hub_token():
 def test_gradient_checkpointing_with_shared_base_needs_the_student_active_in_backward():
     def student_grads(checkpointing: bool, reactivate: bool):
         unet = get_dummy_components()["unet"]
-        unets = build_distillation_unets(unet, 2, 4, fake_score_lora_rank=2, gradient_checkpointing=checkpointing)
+        unets = build_distillation_unets(
+            unet, student_lora_rank=2, student_lora_alpha=4, fake_score_lora_rank=2,
+            gradient_checkpointing=checkpointing,
+        )  # fmt: skip
         torch.manual_seed(1)
         with torch.no_grad():
             for p in unets.student_parameters + unets.fake_score_parameters:
@@ -197,5 +205,7 @@ def test_log_validation_logs_grayscale_images_to_tensorboard(tmp_path):
     logged = []
     writer = types.SimpleNamespace(add_images=lambda tag, array, step, dataformats: logged.append(array.shape))
     accelerator = types.SimpleNamespace(trackers=[types.SimpleNamespace(name="tensorboard", writer=writer)])
-    images, path = log_validation(pipeline, ["a", "b"], accelerator, 3, str(tmp_path), num_images_per_prompt=2)
+    images, path = log_validation(
+        pipeline, prompts=["a", "b"], accelerator=accelerator, step=3, output_dir=str(tmp_path), num_images_per_prompt=2
+    )
     assert logged == [(4, 8, 8, 3)] and len(images) == 4 and os.path.isfile(path)

@@ -9,13 +9,14 @@ the teacher's UNet. The teacher and the fake score use the **same** per-sample g
     accelerate launch training/train_pg_swiftbrush.py --preset sd21-pgsb \
         --train_prompts prompts.txt --output_dir sd21-pgsb --validation_prompts "a photo of a cat"
 
-Add `--student_lora_rank 64` for a LoRA student (teacher, fake score and student then share one frozen UNet).
+Add `--student_lora_rank 64` for a LoRA student (teacher, fake score and student then share one frozen UNet; its
+learning rate then defaults to 1e-4). For `--push_to_hub`, log in with `hf auth login` or set `HF_TOKEN`.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from diffusers.optimization import get_scheduler
@@ -28,14 +29,17 @@ from diffusers_onestep.schedulers import ConsistencyStudentScheduler
 from diffusers_onestep.training_utils import (
     FAKE_SCORE_ADAPTER,
     AdapterView,
+    NaNGuard,
     TrainingArguments,
+    arg,
     backward_if_finite,
     build_distillation_unets,
+    check_weights,
     clip_embeddings,
     format_command,
     load_clip,
-    load_prompts,
     load_teacher,
+    load_training_prompts,
     log_validation,
     make_optimizer,
     optimizer_step,
@@ -44,11 +48,15 @@ from diffusers_onestep.training_utils import (
     push_to_hub,
     rank_slice,
     register_checkpoint_hooks,
+    resolve_max_train_steps,
     resume_from_checkpoint,
+    run_script,
     save_checkpoint,
     save_model_card,
     save_student,
+    secret_argument_names,
     setup_accelerator,
+    teacher_latent_shape,
     training_loop,
     validate_training_args,
     weight_dtype,
@@ -62,19 +70,19 @@ __all__ = ["PGSwiftBrushArguments", "main"]
 class PGSwiftBrushArguments:
     r"""PG-SB's own hyperparameters (METHODS.md section 2); defaults are the paper's for SD1.5 / SD2.1."""
 
-    fake_score_learning_rate: float = field(default=1e-3, metadata={"help": "Fake-score LoRA learning rate."})
-    fake_score_lora_rank: int = field(default=64, metadata={"help": "Fake-score LoRA rank."})
-    fake_score_lora_alpha: int = field(default=128, metadata={"help": "Fake-score LoRA alpha."})
-    fake_score_lora_target_modules: str = field(default="to_q,to_k,to_v,to_out.0", metadata={"help": "Its modules."})
-    guidance_scale_min: float = field(default=0.5, metadata={"help": "k_min of k ~ U(k_min, k_max)."})
-    guidance_scale_max: float = field(default=4.0, metadata={"help": "k_max (PixArt: 3)."})
-    fixed_guidance_scale: float | None = field(default=None, metadata={"help": "SwiftBrush baseline: one fixed k."})
-    min_timestep: int = field(default=20, metadata={"help": "Smallest t of the student loss."})
-    max_timestep: int = field(default=980, metadata={"help": "Largest t of the student loss."})
-    uncond_prob: float = field(default=0.1, metadata={"help": "Empty-prompt rate of the fake-score loss."})
-    clip_model_name_or_path: str | None = field(default=None, metadata={"help": "Enables the clamped CLIP loss."})
-    clip_loss_weight: float = field(default=0.1, metadata={"help": "Its weight, decayed linearly to 0."})
-    clip_loss_tau: float = field(default=0.37, metadata={"help": "Its clamp tau."})
+    fake_score_learning_rate: float = arg(1e-3, "Fake-score LoRA learning rate.", low=0, low_open=True)
+    fake_score_lora_rank: int = arg(64, "Fake-score LoRA rank.", low=1)
+    fake_score_lora_alpha: int = arg(128, "Fake-score LoRA alpha.", low=1)
+    fake_score_lora_target_modules: str = arg("to_q,to_k,to_v,to_out.0", "Comma-separated modules it adapts.")
+    guidance_scale_min: float = arg(0.5, "k_min of k ~ U(k_min, k_max).", low=0)
+    guidance_scale_max: float = arg(4.0, "k_max (PixArt: 3).", low=0)
+    fixed_guidance_scale: float | None = arg(None, "SwiftBrush baseline: one fixed k (>= 0).", low=0)
+    min_timestep: int = arg(20, "Smallest t of the student loss.", low=0, high=999)
+    max_timestep: int = arg(980, "Largest t of the student loss.", low=0, high=999)
+    uncond_prob: float = arg(0.1, "Empty-prompt rate of the fake-score loss.", low=0, high=1)
+    clip_model_name_or_path: str | None = arg(None, "Enables the clamped CLIP loss (a CLIPModel).", path="model")
+    clip_loss_weight: float = arg(0.1, "Its weight, decayed linearly to 0.", low=0)
+    clip_loss_tau: float = arg(0.37, "Its clamp tau.", low=-1, high=1)
 
 
 def main(argv: list[str] | None = None) -> OneStepPipeline | None:
@@ -84,35 +92,36 @@ def main(argv: list[str] | None = None) -> OneStepPipeline | None:
     validate_training_args(args)
     guidance_range = (pg.guidance_scale_min, pg.guidance_scale_max)
     loss_fn = PGSwiftBrushLoss(
-        guidance_range, pg.fixed_guidance_scale, True, pg.min_timestep, pg.max_timestep, pg.uncond_prob
-    )
-    prompts = load_prompts(args.train_prompts, args.prompt_column)
+        guidance_scale_range=guidance_range, fixed_guidance_scale=pg.fixed_guidance_scale, guide_fake_score=True,
+        min_timestep=pg.min_timestep, max_timestep=pg.max_timestep, uncond_prob=pg.uncond_prob,
+    )  # fmt: skip
+    prompts = load_training_prompts(args)
 
     # Setup: accelerator, frozen teacher, student (full copy or LoRA) and LoRA fake score, optimizers
     accelerator = setup_accelerator(args, find_unused_parameters=args.student_lora_rank > 0)
-    device, dtype = accelerator.device, weight_dtype(accelerator)
-    teacher = load_teacher(args.pretrained_teacher_model_name_or_path, args.revision, args.variant, dtype, device)
-    vae_factor = 2 ** (len(teacher.vae.config.block_out_channels) - 1)
-    resolution = args.resolution or teacher.unet.config.sample_size * vae_factor
-    if resolution % vae_factor:
-        raise ValueError(f"`--resolution` must be a multiple of the VAE factor {vae_factor}, got {resolution}.")
-    latent_shape = (teacher.unet.config.in_channels, resolution // vae_factor, resolution // vae_factor)
+    device, dtype, n = accelerator.device, weight_dtype(accelerator), accelerator.num_processes
+    resolve_max_train_steps(args, len(prompts), n)
+    teacher = load_teacher(
+        args.pretrained_teacher_model_name_or_path, revision=args.revision, variant=args.variant, dtype=dtype,
+        device=device,
+    )  # fmt: skip
+    latent_shape = teacher_latent_shape(teacher, args.resolution)
     unets = build_distillation_unets(
-        teacher.unet, args.student_lora_rank, args.student_lora_alpha, args.student_lora_target_modules,
-        pg.fake_score_lora_rank, pg.fake_score_lora_alpha, pg.fake_score_lora_target_modules,
-        args.gradient_checkpointing, dtype,
+        teacher.unet, student_lora_rank=args.student_lora_rank, student_lora_alpha=args.student_lora_alpha,
+        student_lora_target_modules=args.student_lora_target_modules, fake_score_lora_rank=pg.fake_score_lora_rank,
+        fake_score_lora_alpha=pg.fake_score_lora_alpha, fake_score_lora_target_modules=pg.fake_score_lora_target_modules,
+        gradient_checkpointing=args.gradient_checkpointing, dtype=dtype,
     )  # fmt: skip
     scheduler = ConsistencyStudentScheduler.from_config(
         teacher.scheduler.config, t_init=args.t_init, input_type=args.input_type
     )
-    clip = load_clip(pg.clip_model_name_or_path, dtype, device) if pg.clip_model_name_or_path else None
+    clip = load_clip(pg.clip_model_name_or_path, dtype=dtype, device=device) if pg.clip_model_name_or_path else None
 
     adam = {"betas": (args.adam_beta1, args.adam_beta2), "weight_decay": args.adam_weight_decay}
     adam.update(eps=args.adam_epsilon, use_8bit_adam=args.use_8bit_adam)
-    opt_student = make_optimizer(unets.student_parameters, args.learning_rate, **adam)
-    opt_fake = make_optimizer(unets.fake_score_parameters, pg.fake_score_learning_rate, **adam)
-    n = accelerator.num_processes  # prepared schedules step once per process (diffusers' convention)
-    schedules = [
+    opt_student = make_optimizer(unets.student_parameters, learning_rate=args.learning_rate, **adam)
+    opt_fake = make_optimizer(unets.fake_score_parameters, learning_rate=pg.fake_score_learning_rate, **adam)
+    schedules = [  # prepared schedules step once per process (diffusers' convention)
         get_scheduler(
             args.lr_scheduler,
             opt,
@@ -129,10 +138,9 @@ def main(argv: list[str] | None = None) -> OneStepPipeline | None:
     register_checkpoint_hooks(accelerator, ema)
     first_step = resume_from_checkpoint(accelerator, args.output_dir, args.resume_from_checkpoint)
     if accelerator.is_main_process:
+        secret = set(secret_argument_names((TrainingArguments, PGSwiftBrushArguments)))
         config = {k: v for k, v in {**asdict(args), **asdict(pg)}.items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers(
-            args.tracker_project_name, config={k: v for k, v in config.items() if "token" not in k}
-        )
+        accelerator.init_trackers(args.tracker_project_name, config={k: v for k, v in config.items() if k not in secret})
 
     # The three roles as x0 / eps denoisers. Grad passes go through the prepared (DDP) modules; no-grad passes use
     # the unwrapped base. With a LoRA student all views are one UNet with adapters switched.
@@ -153,8 +161,8 @@ def main(argv: list[str] | None = None) -> OneStepPipeline | None:
     def validate(step: int) -> list[str]:
         with accelerator.autocast():
             _, path = log_validation(
-                student_pipeline(), args.validation_prompts, accelerator, step, args.output_dir, args.seed,
-                args.num_validation_images,
+                student_pipeline(), prompts=args.validation_prompts, accelerator=accelerator, step=step,
+                output_dir=args.output_dir, seed=args.seed, num_images_per_prompt=args.num_validation_images,
             )  # fmt: skip
         return [path]
 
@@ -166,7 +174,7 @@ def main(argv: list[str] | None = None) -> OneStepPipeline | None:
     def checkpoint(step: int) -> None:
         save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, trainable)
 
-    logs = {}
+    nan_guard, logs = NaNGuard(args.nan_policy, args.max_nan_skips, args.nan_skip_window), {}
     for step in training_loop(
         accelerator, args, first_step, checkpoint, validate if args.validation_prompts else None
     ):
@@ -196,19 +204,19 @@ def main(argv: list[str] | None = None) -> OneStepPipeline | None:
                 loss_g = loss_g + pg.clip_loss_weight * (1 - step.global_step / args.max_train_steps) * loss_clip
                 logs_g["loss_clip"] = loss_clip.detach()
             student.activate()  # gradient checkpointing re-runs the student's forward during backward
-            backward_if_finite(accelerator, loss_g, step.global_step, args.nan_policy, "loss_student")
+            backward_if_finite(accelerator, loss_g, step.global_step, nan_guard, "loss_student")
             optimizer_step(
                 accelerator, opt_student, sched_student, unets.student_parameters, args.max_grad_norm,
-                step.global_step, args.nan_policy,
+                step.global_step, nan_guard,
             )  # fmt: skip
             # 4. fake-score loss on stopgrad(x0): t ~ U{0..T-1}, empty prompt with probability 0.1
             loss_f, logs_f = loss_fn.fake_score_loss(
                 fake_score_train, x0, prompt_embeds, uncond_embeds, noise=eps_fake, timesteps=t_fake, uncond_mask=drop
             )
-            backward_if_finite(accelerator, loss_f, step.global_step, args.nan_policy, "loss_fake_score")
+            backward_if_finite(accelerator, loss_f, step.global_step, nan_guard, "loss_fake_score")
             optimizer_step(
                 accelerator, opt_fake, sched_fake, unets.fake_score_parameters, args.max_grad_norm,
-                step.global_step, args.nan_policy,
+                step.global_step, nan_guard,
             )  # fmt: skip
         # 5. alternate 1:1 (student update, then fake-score update); EMA of the student after its update
         if accelerator.sync_gradients and ema is not None:
@@ -222,31 +230,36 @@ def main(argv: list[str] | None = None) -> OneStepPipeline | None:
     if accelerator.is_main_process:
         if ema is not None:
             ema.copy_to(unets.student_parameters)
-        if any(not torch.isfinite(p).all() for p in unets.student_parameters):
-            raise FloatingPointError("The student's final weights are not finite; nothing was saved.")
+        check_weights(None, unets.student_parameters, "the final model")
         save_student(
-            args.output_dir, base_student, scheduler, teacher, unets.student_adapter,
-            args.pretrained_teacher_model_name_or_path, args.revision, args.variant,
+            args.output_dir, unet=base_student, scheduler=scheduler, teacher=teacher,
+            adapter_name=unets.student_adapter, teacher_name_or_path=args.pretrained_teacher_model_name_or_path,
+            revision=args.revision, variant=args.variant,
         )  # fmt: skip
         images = validate(args.max_train_steps) if args.validation_prompts else []
         repo_id = args.hub_model_id or args.output_dir.rstrip("/").split("/")[-1]
         hyperparameters = {k: getattr(args, k) for k in ("train_batch_size", "learning_rate", "max_train_steps")}
         hyperparameters.update(fake_score_learning_rate=pg.fake_score_learning_rate, guidance_scale=guidance_range)
         save_model_card(
-            args.output_dir, args.hub_base_model or args.pretrained_teacher_model_name_or_path,
-            "PG-SwiftBrush" if pg.fixed_guidance_scale is None else "SwiftBrush (fixed guidance)",
-            "[SNOOPI, arXiv 2412.02687](https://arxiv.org/abs/2412.02687)", "training/train_pg_swiftbrush.py",
-            format_command(argv, "training/train_pg_swiftbrush.py"), {k: float(v) for k, v in logs.items()},
-            hyperparameters, args.t_init, args.input_type, args.student_lora_rank, args.student_lora_alpha, repo_id,
-            images, tags=["pg-swiftbrush", "snoopi"],
+            args.output_dir, base_model=args.hub_base_model or args.pretrained_teacher_model_name_or_path,
+            method_name="PG-SwiftBrush" if pg.fixed_guidance_scale is None else "SwiftBrush (fixed guidance)",
+            paper="[SNOOPI, arXiv 2412.02687](https://arxiv.org/abs/2412.02687)",
+            script="training/train_pg_swiftbrush.py", command=format_command(argv, "training/train_pg_swiftbrush.py"),
+            metrics={k: float(v) for k, v in logs.items()}, hyperparameters=hyperparameters, t_init=args.t_init,
+            input_type=args.input_type, lora_rank=args.student_lora_rank, lora_alpha=args.student_lora_alpha,
+            repo_id=repo_id, validation_images=images, tags=["pg-swiftbrush", "snoopi"], secrets=[args.hub_token],
             **({"example_prompt": args.validation_prompts[0]} if args.validation_prompts else {}),
         )  # fmt: skip
         if args.push_to_hub:
-            push_to_hub(args.output_dir, repo_id, token=args.hub_token, private=args.hub_private)
+            push_to_hub(
+                args.output_dir, repo_id=repo_id, token=args.hub_token, private=args.hub_private,
+                ignore_patterns=["checkpoint-*", ".*", f"{args.logging_dir}/*"], timeout=args.hub_timeout,
+                retries=args.hub_retries,
+            )  # fmt: skip
         pipeline = student_pipeline()
     accelerator.end_training()
     return pipeline
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

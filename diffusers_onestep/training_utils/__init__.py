@@ -1,13 +1,27 @@
 """Plain functions shared by the training scripts: arguments, setup, prompt data, loop plumbing, validation, Hub."""
 
-from .args import PRESETS, TrainingArguments, parse_args, validate_training_args
-from .data import load_prompts, prompt_batches
-from .hub import format_command, push_to_hub, save_model_card, save_student
+from .args import (
+    LORA_LEARNING_RATE,
+    PRESETS,
+    STUDENT_LEARNING_RATE,
+    TrainingArguments,
+    arg,
+    check_arguments,
+    parse_args,
+    resolve_max_train_steps,
+    secret_argument_names,
+    validate_training_args,
+)
+from .data import load_prompts, load_training_prompts, prompt_batches
+from .errors import HubUploadError, NonFiniteError, TrainingArgumentError, run_script
+from .hub import format_command, mask_secrets, push_to_hub, save_model_card, save_student, upload_command
 from .loop import (
     LoopStep,
-    NonFiniteError,
+    NaNGuard,
     all_finite,
     backward_if_finite,
+    check_weights,
+    checkpoint_problem,
     guard_finite,
     list_checkpoints,
     optimizer_step,
@@ -31,6 +45,7 @@ from .setup import (
     load_teacher,
     make_optimizer,
     setup_accelerator,
+    teacher_latent_shape,
     weight_dtype,
 )
 from .validation import log_validation
@@ -38,18 +53,27 @@ from .validation import log_validation
 
 __all__ = [
     "FAKE_SCORE_ADAPTER",
+    "LORA_LEARNING_RATE",
     "PRESETS",
     "STUDENT_ADAPTER",
+    "STUDENT_LEARNING_RATE",
     "AdapterView",
     "DistillationUNets",
+    "HubUploadError",
     "LoopStep",
+    "NaNGuard",
     "NonFiniteError",
     "TeacherComponents",
+    "TrainingArgumentError",
     "TrainingArguments",
     "add_lora_adapter",
     "all_finite",
+    "arg",
     "backward_if_finite",
     "build_distillation_unets",
+    "check_arguments",
+    "check_weights",
+    "checkpoint_problem",
     "clip_embeddings",
     "format_command",
     "guard_finite",
@@ -57,21 +81,28 @@ __all__ = [
     "load_clip",
     "load_prompts",
     "load_teacher",
+    "load_training_prompts",
     "log_validation",
     "make_optimizer",
+    "mask_secrets",
     "optimizer_step",
     "parse_args",
     "prompt_batches",
     "push_to_hub",
     "rank_slice",
     "register_checkpoint_hooks",
+    "resolve_max_train_steps",
     "resume_from_checkpoint",
+    "run_script",
     "save_checkpoint",
     "save_model_card",
     "save_student",
+    "secret_argument_names",
     "setup_accelerator",
     "step_generator",
+    "teacher_latent_shape",
     "training_loop",
+    "upload_command",
     "validate_training_args",
     "weight_dtype",
 ]

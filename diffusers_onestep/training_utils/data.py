@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 
 
-__all__ = ["PROMPT_COLUMNS", "load_prompts", "prompt_batches"]
+__all__ = ["PROMPT_COLUMNS", "load_prompts", "load_training_prompts", "prompt_batches"]
 
 PROMPT_COLUMNS = ("prompt", "text", "caption")
 _TABLE_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -30,7 +30,9 @@ def _column(dataset, column: str | None, source: str) -> list[str]:
     return [str(p) for p in dataset[column]]
 
 
-def load_prompts(source: str, column: str | None = None, split: str = "train") -> list[str]:
+def load_prompts(
+    source: str, column: str | None = None, split: str = "train", argument: str = "--train_prompts"
+) -> list[str]:
     r"""
     Reads a list of prompts from a text file (one per line), a CSV / JSON / JSON-lines / Parquet column, a dataset
     saved with `Dataset.save_to_disk`, or any path or Hub id `datasets.load_dataset` accepts.
@@ -39,6 +41,7 @@ def load_prompts(source: str, column: str | None = None, split: str = "train") -
         source (`str`): the path or dataset id (`--train_prompts`).
         column (`str`, *optional*): the prompt column; defaults to the first of `prompt`, `text`, `caption`.
         split (`str`, defaults to `"train"`): the split of a dataset with several.
+        argument (`str`): the flag named in error messages.
 
     Returns:
         `list[str]`: the non-empty prompts, in file order.
@@ -53,7 +56,7 @@ def load_prompts(source: str, column: str | None = None, split: str = "train") -
         if os.path.isfile(source) and ext in _TABLE_FORMATS:
             dataset = datasets.load_dataset(_TABLE_FORMATS[ext], data_files=source, split="train")
         elif os.path.isfile(source):
-            raise ValueError(f"`--train_prompts` {source!r}: use .txt, {sorted(_TABLE_FORMATS)} or a dataset.")
+            raise ValueError(f"`{argument}` {source!r}: use .txt, {sorted(_TABLE_FORMATS)} or a dataset.")
         elif os.path.isfile(os.path.join(source, "dataset_info.json")) or os.path.isfile(
             os.path.join(source, "dataset_dict.json")
         ):
@@ -67,8 +70,47 @@ def load_prompts(source: str, column: str | None = None, split: str = "train") -
         prompts = [p.strip() for p in _column(dataset, column, source)]
     prompts = [p for p in prompts if p]
     if not prompts:
-        raise ValueError(f"`--train_prompts` {source!r} holds no prompts.")
+        raise ValueError(f"`{argument}` {source!r} holds no prompts.")
     return prompts
+
+
+def _imagefolder_captions(data_dir: str, column: str | None) -> list[str]:
+    """The captions of an imagefolder directory, read from its metadata files (images are not opened)."""
+    import datasets
+
+    metadata = []
+    for root, _, names in sorted(os.walk(data_dir)):
+        for name in sorted(names):
+            if name in ("metadata.jsonl", "metadata.csv", "metadata.parquet"):
+                metadata.append(os.path.join(root, name))
+    if not metadata:
+        raise ValueError(
+            f"`--train_data_dir` {data_dir!r} has no metadata.jsonl / metadata.csv / metadata.parquet with captions "
+            "(the imagefolder format: one row per image, `file_name` plus a caption column)."
+        )
+    formats = {os.path.splitext(path)[1] for path in metadata}
+    if len(formats) > 1:
+        raise ValueError(f"`--train_data_dir` {data_dir!r} mixes metadata formats {sorted(formats)}; keep one.")
+    kind = {".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}[formats.pop()]
+    dataset = datasets.load_dataset(kind, data_files=metadata, split="train")
+    return [p.strip() for p in _column(dataset, column, data_dir)]
+
+
+def load_training_prompts(args) -> list[str]:
+    r"""
+    The prompts of a run from its one prompt source: `--train_prompts` (a file or dataset, see `load_prompts`),
+    `--dataset_name` (a Hub dataset id or a local `datasets` directory) or `--train_data_dir` (an imagefolder whose
+    `metadata.jsonl` / `.csv` / `.parquet` holds the captions; the images are not read). The column is
+    `--prompt_column` (alias `--caption_column`), by default the first of `prompt`, `text`, `caption`.
+    """
+    if args.train_data_dir:
+        prompts = [p for p in _imagefolder_captions(args.train_data_dir, args.prompt_column) if p]
+        if not prompts:
+            raise ValueError(f"`--train_data_dir` {args.train_data_dir!r} holds no captions.")
+        return prompts
+    if args.dataset_name:
+        return load_prompts(args.dataset_name, args.prompt_column, argument="--dataset_name")
+    return load_prompts(args.train_prompts, args.prompt_column)
 
 
 def prompt_batches(

@@ -1,54 +1,109 @@
 """The end of a run: the student saved in diffusers formats, its model card, and the optional Hub upload.
 
 A full student becomes a `OneStepPipeline` directory; a LoRA student becomes diffusers-format LoRA weights (with the
-adapter metadata, so `lora_alpha != r` survives `load_lora_weights`) plus `scheduler/` holding its `t_init`. The model
-card is filled from `model_cards/` with Hub metadata (`library_name`, `pipeline_tag`, `base_model`, `tags`); the Hub
-token is never written or logged.
+adapter metadata, so `lora_alpha != r` survives `load_lora_weights`) plus `scheduler/` holding its `t_init`. Both are
+written to a hidden `.final.partial` directory and moved into `output_dir` with their commit marker
+(`model_index.json`, or the LoRA weights file) last, so a kill never leaves a loadable-looking, incomplete model. The
+model card is filled from the template shipped inside the package (`diffusers_onestep/model_cards/`) with Hub metadata
+(`library_name`, `pipeline_tag`, `base_model`, `tags`). Secrets never reach the card or the logs: `format_command` and
+`mask_secrets` hide the value of any flag whose name says token / secret / password / api_key, any `hf_...` token, and
+any secret value passed in. Every Hub request has a timeout and a bounded number of retries (`push_to_hub`); a failed
+upload ends with one line saying where the model is saved and the `hf upload` command that uploads it later.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+import re
 import shlex
+import shutil
+import time
 from pathlib import Path
 
+import httpx2
 import huggingface_hub
 import torch
 from accelerate.logging import get_logger
-from diffusers import AutoencoderKL
 from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.utils import _http
 from peft.utils import get_peft_model_state_dict
-from transformers import CLIPTextModel
 
 from ..pipelines import OneStepPipeline
+from .errors import HubUploadError
 
 
-__all__ = ["MODEL_CARD_DIR", "format_command", "push_to_hub", "save_model_card", "save_student"]
+__all__ = [
+    "MODEL_CARD_DIR",
+    "format_command",
+    "hub_request_timeout",
+    "mask_secrets",
+    "push_to_hub",
+    "save_model_card",
+    "save_student",
+    "upload_command",
+]
 
 logger = get_logger(__name__)
-MODEL_CARD_DIR = Path(__file__).resolve().parents[2] / "model_cards"
-_SECRET_FLAGS = ("--hub_token", "--hub-token")
+MODEL_CARD_DIR = Path(__file__).resolve().parents[1] / "model_cards"
+_SECRET_FLAG = re.compile(r"^--?[\w-]*(token|secret|password|api[_-]?key)[\w-]*$", re.IGNORECASE)
+_HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{8,}")
+_FINAL_PARTIAL = ".final.partial"
+
+
+def mask_secrets(text: str, secrets: list[str | None] | tuple = ()) -> str:
+    r"""`text` with every value in `secrets` and every Hugging Face token (`hf_...`) replaced by `***`."""
+    for secret in sorted((s for s in secrets if s and len(s) >= 4), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return _HF_TOKEN.sub("***", text)
 
 
 def format_command(argv: list[str], script: str) -> str:
-    r"""The launch command of a run, as a shell line, with the value of `--hub_token` replaced by `***`."""
-    shown, hide_next = [], False
+    r"""
+    The launch command of a run, as a shell line, with secrets replaced by `***`: the value of any flag whose name
+    contains token, secret, password or api_key (whatever its spelling: `--hub_token`, `--hub-token`, `--HUB_TOKEN=`),
+    and any `hf_...` token anywhere.
+    """
+    shown, hide_next, secrets = [], False, []
     for arg in argv:
+        name = arg.split("=", 1)[0]
         if hide_next:
             shown.append("***")
+            secrets.append(arg)
             hide_next = False
-        elif arg in _SECRET_FLAGS:
+        elif _SECRET_FLAG.match(arg):
             shown.append(arg)
             hide_next = True
-        elif arg.split("=", 1)[0] in _SECRET_FLAGS:
-            shown.append(arg.split("=", 1)[0] + "=***")
+        elif "=" in arg and _SECRET_FLAG.match(name):
+            shown.append(name + "=***")
+            secrets.append(arg.split("=", 1)[1])
         else:
             shown.append(shlex.quote(arg))
-    return " ".join(["accelerate launch", script, *shown])
+    return mask_secrets(" ".join(["accelerate launch", script, *shown]), secrets)
+
+
+def _commit_into(partial: str, output_dir: str, marker: str) -> None:
+    """Moves the entries of `partial` into `output_dir`, replacing old ones, with `marker` removed first, moved last."""
+    old_marker = os.path.join(output_dir, marker)
+    if os.path.exists(old_marker):
+        os.remove(old_marker)
+    names = sorted(os.listdir(partial), key=lambda n: n == marker)
+    for name in names:
+        target = os.path.join(output_dir, name)
+        if os.path.exists(target):
+            trash = os.path.join(output_dir, f".{name}.trash")
+            shutil.rmtree(trash, ignore_errors=True)
+            os.rename(target, trash)
+            shutil.rmtree(trash) if os.path.isdir(trash) else os.remove(trash)
+        os.rename(os.path.join(partial, name), target)
+    os.rmdir(partial)
 
 
 def save_student(
     output_dir: str,
+    *,
     unet,
     scheduler,
     teacher,
@@ -58,7 +113,9 @@ def save_student(
     variant: str | None = None,
 ) -> None:
     r"""
-    Saves the trained student in diffusers formats (main process only).
+    Saves the trained student in diffusers formats (main process only), atomically: into `output_dir/.final.partial`
+    first, then moved into `output_dir` with the commit marker (`model_index.json` or
+    `pytorch_lora_weights.safetensors`) last.
 
     Args:
         output_dir (`str`): the destination.
@@ -69,32 +126,52 @@ def save_student(
         teacher_name_or_path, revision, variant: where to reload the VAE and text encoder in their stored precision
             when they were cast for training.
     """
+    from .setup import load_teacher
+
     os.makedirs(output_dir, exist_ok=True)
+    partial = os.path.join(output_dir, _FINAL_PARTIAL)
+    shutil.rmtree(partial, ignore_errors=True)
     if adapter_name is not None:
         # PEFT-format keys, as `load_lora_weights` reads them (diffusers' `convert_state_dict_to_diffusers` would
         # rename attention layers to the legacy `lora.down/up` format and leave conv layers as they are)
         state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
         OneStepPipeline.save_lora_weights(
-            output_dir,
+            partial,
             unet_lora_layers={k: v.detach().float().contiguous() for k, v in state.items()},
             unet_lora_adapter_metadata=unet.peft_config[adapter_name].to_dict(),
             safe_serialization=True,
         )
-        scheduler.save_pretrained(os.path.join(output_dir, "scheduler"))
-        return
-    vae, text_encoder = teacher.vae, teacher.text_encoder
-    if teacher_name_or_path is not None and vae.dtype != torch.float32:
-        kwargs = {"revision": revision, "variant": variant, "use_safetensors": True}
-        vae = AutoencoderKL.from_pretrained(teacher_name_or_path, subfolder="vae", **kwargs)
-        text_encoder = CLIPTextModel.from_pretrained(teacher_name_or_path, subfolder="text_encoder", **kwargs)
-    pipeline = OneStepPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=teacher.tokenizer, unet=unet, scheduler=scheduler
-    )
-    pipeline.save_pretrained(output_dir, safe_serialization=True)
+        scheduler.save_pretrained(os.path.join(partial, "scheduler"))
+        marker = "pytorch_lora_weights.safetensors"
+    else:
+        vae, text_encoder = teacher.vae, teacher.text_encoder
+        if teacher_name_or_path is not None and vae.dtype != torch.float32:
+            stored = load_teacher(teacher_name_or_path, revision=revision, variant=variant, load_unet=False)
+            vae, text_encoder = stored.vae, stored.text_encoder
+        pipeline = OneStepPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=teacher.tokenizer, unet=unet, scheduler=scheduler
+        )
+        pipeline.save_pretrained(partial, safe_serialization=True)
+        marker = "model_index.json"
+    _fsync_tree(partial)
+    _commit_into(partial, output_dir, marker)
+
+
+def _fsync_tree(path: str) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _format_metric(value) -> str:
+    value = float(value)
+    return f"{value:.6g}" if math.isfinite(value) else "n/a"
 
 
 def save_model_card(
     output_dir: str,
+    *,
     base_model: str,
     method_name: str,
     paper: str,
@@ -111,19 +188,26 @@ def save_model_card(
     example_prompt: str = "a photo of an astronaut riding a horse",
     tags: list[str] | None = None,
     template: str | os.PathLike | None = None,
+    secrets: list[str | None] | tuple = (),
 ) -> ModelCard:
     r"""
-    Writes `output_dir/README.md` from the model-card template (`model_cards/onestep_student.md` by default).
+    Writes `output_dir/README.md` (atomically) from the model-card template (`diffusers_onestep/model_cards/
+    onestep_student.md`, shipped with the package, by default).
 
     Args:
+        output_dir (`str`): where the student was saved.
         base_model (`str`): the teacher's Hub id, recorded as `base_model` (a local path is shown but not recorded).
         method_name, paper, script, command (`str`): what was trained, how (use `format_command`).
-        metrics (`dict`): final logged values. hyperparameters (`dict`): settings shown in a table.
+        metrics (`dict`): final logged values; a non-finite value is written as `n/a`, never `nan`.
+        hyperparameters (`dict`): settings shown in a table.
         t_init, input_type: the student's scheduler settings, used in the usage snippet.
         lora_rank, lora_alpha: the LoRA student's rank and alpha (`lora_rank=0`: full student).
         repo_id (`str`, *optional*): the Hub repository (defaults to `output_dir`'s name).
         validation_images (`list[str]`, *optional*): images inside `output_dir` to show.
         tags (`list[str]`, *optional*): extra tags.
+        template (`str`, *optional*): another jinja2 template.
+        secrets (`list[str]`, *optional*): values masked wherever they appear (`mask_secrets`; `hf_...` tokens are
+            always masked).
 
     Returns:
         The `huggingface_hub.ModelCard`.
@@ -146,7 +230,7 @@ def save_model_card(
     )
     template = Path(template or MODEL_CARD_DIR / "onestep_student.md")
     if not template.is_file():
-        raise FileNotFoundError(f"Model-card template {template} not found: pass `template=` (see model_cards/).")
+        raise FileNotFoundError(f"Model-card template {template} not found: pass `template=` (see {MODEL_CARD_DIR}).")
     card = ModelCard.from_template(
         card_data,
         template_path=str(template),
@@ -158,8 +242,8 @@ def save_model_card(
         paper=paper,
         script=script,
         command=command,
-        metrics={k: f"{v:.6g}" for k, v in metrics.items()},
-        hyperparameters=hyperparameters,
+        metrics={k: _format_metric(v) for k, v in metrics.items()},
+        hyperparameters={k: _format_value(v) for k, v in hyperparameters.items()},
         t_init=t_init,
         input_type=input_type,
         lora=lora,
@@ -168,28 +252,128 @@ def save_model_card(
         validation_images=[os.path.relpath(p, output_dir) for p in validation_images or []],
         example_prompt=example_prompt,
     )
-    card.save(os.path.join(output_dir, "README.md"))
+    card = ModelCard(mask_secrets(str(card), secrets))
+    path, partial = os.path.join(output_dir, "README.md"), os.path.join(output_dir, ".README.md.partial")
+    card.save(partial)
+    os.replace(partial, path)
     return card
+
+
+def _format_value(value):
+    if isinstance(value, float):
+        return _format_metric(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_format_value(v) for v in value)
+    return value
+
+
+def hub_request_timeout(timeout: float):
+    r"""
+    A context manager under which every request huggingface_hub makes has `timeout` seconds to connect and between
+    bytes (its client has none by default): the client factory (`huggingface_hub.set_client_factory`) is wrapped for
+    the duration and restored afterwards.
+    """
+    previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)
+
+    def factory():
+        client = previous()
+        client.timeout = httpx2.Timeout(timeout)
+        return client
+
+    @contextlib.contextmanager
+    def scope():
+        huggingface_hub.set_client_factory(factory)
+        try:
+            yield
+        finally:
+            huggingface_hub.set_client_factory(previous)
+
+    return scope()
+
+
+def _retryable(error: Exception) -> bool:
+    if isinstance(error, (httpx2.TimeoutException, httpx2.NetworkError, httpx2.RemoteProtocolError, TimeoutError)):
+        return True
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    return isinstance(error, HfHubHTTPError) and status is not None and (status >= 500 or status == 429)
+
+
+def _with_retries(call, retries: int, what: str):
+    for attempt in range(retries + 1):
+        try:
+            return call()
+        except Exception as error:
+            if attempt == retries or not _retryable(error):
+                raise
+            wait = min(2.0**attempt, 10.0)
+            logger.warning(f"{what} failed ({type(error).__name__}); retry {attempt + 1}/{retries} in {wait:g} s.")
+            time.sleep(wait)
+
+
+def upload_command(output_dir: str, repo_id: str, private: bool, ignore_patterns: list[str]) -> str:
+    r"""The `hf upload` command that uploads `output_dir` to `repo_id` later, leaving out `ignore_patterns`."""
+    parts = ["hf", "upload", repo_id, os.path.abspath(output_dir), ".", "--repo-type", "model"]
+    parts += ["--private"] if private else []
+    for pattern in ignore_patterns:
+        parts += ["--exclude", pattern]
+    return shlex.join(parts)
 
 
 def push_to_hub(
     output_dir: str,
+    *,
     repo_id: str,
     token: str | None = None,
     private: bool = False,
     commit_message: str = "Upload one-step student",
+    ignore_patterns: list[str] | None = None,
+    timeout: float = 60.0,
+    retries: int = 2,
 ) -> str:
     r"""
-    Creates (or reuses) the Hub model repository `repo_id` and uploads `output_dir` to it, leaving out resumable
-    checkpoints and tracker logs. Returns the repository id. The token is passed through, never logged.
+    Creates (or reuses) the Hub model repository `repo_id` and uploads `output_dir` to it. Returns the repository id.
+
+    Every request has `timeout` seconds to connect and between bytes (`hub_request_timeout`), and each call
+    (`create_repo`, `upload_folder`) is retried up to `retries` times on timeouts, network and server errors. Then it
+    raises `HubUploadError` with one line saying where the model is saved and the exact `hf upload` command that
+    uploads it later; `output_dir` is only read. `token=None` uses `HF_TOKEN` or the `hf auth login` token; a token is
+    passed through, never logged.
+
+    Args:
+        output_dir (`str`): the saved student.
+        repo_id (`str`): the repository.
+        token (`str`, *optional*): a Hub token (prefer `HF_TOKEN` / `hf auth login`).
+        private (`bool`): create the repository as private.
+        ignore_patterns (`list[str]`, *optional*): what not to upload; defaults to checkpoints and hidden files.
+        timeout (`float`, defaults to 60): seconds per request (`--hub_timeout`).
+        retries (`int`, defaults to 2): retries per call (`--hub_retries`).
     """
-    repo_id = huggingface_hub.create_repo(repo_id, exist_ok=True, private=private, token=token).repo_id
-    huggingface_hub.upload_folder(
-        repo_id=repo_id,
-        folder_path=output_dir,
-        commit_message=commit_message,
-        ignore_patterns=["checkpoint-*", ".checkpoint-*"],
-        token=token,
-    )
+    ignore_patterns = list(ignore_patterns or ["checkpoint-*", ".*"])
+    try:
+        with hub_request_timeout(timeout):
+            repo_url = _with_retries(
+                lambda: huggingface_hub.create_repo(repo_id, exist_ok=True, private=private, token=token),
+                retries,
+                "create_repo",
+            )
+            repo_id = repo_url.repo_id
+            _with_retries(
+                lambda: huggingface_hub.upload_folder(
+                    repo_id=repo_id,
+                    folder_path=output_dir,
+                    commit_message=commit_message,
+                    ignore_patterns=ignore_patterns,
+                    token=token,
+                ),
+                retries,
+                "upload_folder",
+            )
+    except Exception as error:
+        reason = mask_secrets((str(error).splitlines() or [""])[0][:200], [token])
+        raise HubUploadError(
+            f"Hub upload to {repo_id} failed ({type(error).__name__}: {reason}); the model is saved locally at "
+            f"{os.path.abspath(output_dir)}. Upload it later with: "
+            f"{upload_command(output_dir, repo_id, private, ignore_patterns)}"
+        ) from None
     logger.info(f"Uploaded {output_dir} to https://huggingface.co/{repo_id}")
     return repo_id

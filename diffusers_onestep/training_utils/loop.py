@@ -1,13 +1,19 @@
 """The training loop's plumbing: step iterator, deterministic randomness, NaN guard, atomic checkpoints, resume.
 
-Randomness is keyed by `(seed, micro_step)` and drawn for the global batch on every rank (each rank keeps its
-slice), so a resumed run and a multi-process run reproduce a single uninterrupted process. Checkpoints are written to a
-hidden `.checkpoint-N.partial` directory and renamed into place: a run killed while saving leaves the previous
-checkpoint untouched, and weights that are not finite are never written.
+Randomness is keyed by `(seed, micro_step)` and drawn for the global batch on every rank (each rank keeps its slice),
+so a resumed run and a multi-process run reproduce a single uninterrupted process.
+
+Checkpoints are atomic end to end: each is written to a hidden `.checkpoint-N.partial` directory, completed by a
+`checkpoint.json` manifest (every file and its size), and renamed into place; an old checkpoint is renamed to a hidden
+`.checkpoint-N.trash` before it is deleted, so a kill at any moment never leaves a visible incomplete `checkpoint-N`.
+`--resume_from_checkpoint latest` skips a latest checkpoint that does not match its manifest or fails to load, with a
+warning, and resumes from the previous good one. Weights that are not finite, or beyond float16's range (see
+`check_weights`), are never written.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -21,12 +27,18 @@ from accelerate.logging import get_logger
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .errors import NonFiniteError
+
 
 __all__ = [
+    "CHECKPOINT_MANIFEST",
     "LoopStep",
+    "NaNGuard",
     "NonFiniteError",
     "all_finite",
     "backward_if_finite",
+    "check_weights",
+    "checkpoint_problem",
     "guard_finite",
     "list_checkpoints",
     "optimizer_step",
@@ -40,10 +52,10 @@ __all__ = [
 
 logger = get_logger(__name__)
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
-
-
-class NonFiniteError(FloatingPointError):
-    r"""A loss, gradient norm or weight became NaN or infinite."""
+CHECKPOINT_MANIFEST = "checkpoint.json"
+# Refused weight magnitude: a one-step student is served in half precision, so a weight float16 cannot hold is a
+# diverged run, never a trained model (a healthy UNet's weights are O(1)).
+MAX_WEIGHT = float(torch.finfo(torch.float16).max)
 
 
 def step_generator(seed: int | None, micro_step: int) -> torch.Generator:
@@ -64,26 +76,92 @@ def all_finite(accelerator: Accelerator, *tensors: torch.Tensor) -> bool:
     return bool(flags.min() > 0)
 
 
-def guard_finite(accelerator: Accelerator, step: int, nan_policy: str = "raise", **values: torch.Tensor) -> bool:
+class NaNGuard:
     r"""
-    `True` when every value is finite on every rank. Otherwise raises `NonFiniteError` (`nan_policy="raise"`) or logs
-    a warning and returns `False` so the caller skips the update (`nan_policy="skip"`).
+    What to do with a non-finite loss or gradient: stop (`policy="raise"`), or skip the update (`policy="skip"`) at
+    most `max_skips` times within any `window` consecutive optimizer steps, then stop with `NonFiniteError` (a run
+    whose steps keep failing has diverged; saving it would save garbage). The count is not checkpointed: a resumed
+    run starts a fresh window.
+
+    Args:
+        policy (`str`, defaults to `"raise"`): `"raise"` or `"skip"` (`--nan_policy`).
+        max_skips (`int`, defaults to 5): `--max_nan_skips`.
+        window (`int`, defaults to 100): `--nan_skip_window`, in optimizer steps.
+    """
+
+    def __init__(self, policy: str = "raise", max_skips: int = 5, window: int = 100):
+        if policy not in ("raise", "skip"):
+            raise ValueError(f"`nan_policy` must be 'raise' or 'skip', got {policy!r}.")
+        if max_skips < 0 or window < 1:
+            raise ValueError(f"need `max_skips` >= 0 and `window` >= 1, got {max_skips} and {window}.")
+        self.policy, self.max_skips, self.window = policy, max_skips, window
+        self.skipped: collections.deque[int] = collections.deque()
+
+    def skip(self, step: int, message: str) -> None:
+        r"""Records that optimizer step `step` is skipped; raises `NonFiniteError` past the budget."""
+        if self.policy == "raise":
+            raise NonFiniteError(message + " Pass --nan_policy skip to skip such steps instead.")
+        if not self.skipped or self.skipped[-1] != step:
+            self.skipped.append(step)
+        while self.skipped[0] <= step - self.window:
+            self.skipped.popleft()
+        if len(self.skipped) > self.max_skips:
+            raise NonFiniteError(
+                f"{message} {len(self.skipped)} of the last {self.window} optimizer steps were skipped, more than "
+                f"--max_nan_skips {self.max_skips} per --nan_skip_window {self.window}: the run has diverged and was "
+                "stopped (the last checkpoint is untouched). Lower --learning_rate or use --mixed_precision bf16."
+            )
+        logger.warning(message + f" Skipping the step (--nan_policy skip, {len(self.skipped)}/{self.max_skips}).")
+
+
+def _as_guard(nan_policy: str | NaNGuard) -> NaNGuard:
+    # a bare "skip" string has no memory, so it cannot bound the skips: scripts pass a NaNGuard
+    return nan_policy if isinstance(nan_policy, NaNGuard) else NaNGuard(nan_policy, max_skips=2**62)
+
+
+def guard_finite(
+    accelerator: Accelerator, step: int, nan_policy: str | NaNGuard = "raise", **values: torch.Tensor
+) -> bool:
+    r"""
+    `True` when every value is finite on every rank. Otherwise raises `NonFiniteError` (`nan_policy="raise"`), or
+    logs a warning and returns `False` so the caller skips the update (`"skip"`; a `NaNGuard` also bounds the skips).
     """
     if all_finite(accelerator, *values.values()):
         return True
     shown = ", ".join(f"{name}={v.detach().float().mean().item():.4g}" for name, v in values.items())
-    message = (
+    _as_guard(nan_policy).skip(
+        step,
         f"Non-finite value at optimizer step {step}: {shown}. Nothing was updated and no checkpoint was written. "
-        "Usual causes: fp16 overflow (use --mixed_precision bf16), a learning rate too high, a broken teacher."
+        "Usual causes: fp16 overflow (use --mixed_precision bf16), a learning rate too high, a broken teacher.",
     )
-    if nan_policy == "raise":
-        raise NonFiniteError(message + " Pass --nan_policy skip to skip such steps instead.")
-    logger.warning(message + " Skipping the step (--nan_policy skip).")
     return False
 
 
+def check_weights(accelerator: Accelerator | None, params: Sequence[torch.Tensor], what: str) -> None:
+    r"""
+    Raises `NonFiniteError` naming `what` when a weight of `params` is NaN or infinite, or finite but beyond
+    float16's largest value (65504, `MAX_WEIGHT`). That bound is the definition of "absurd" used here: a one-step
+    student is served in half precision, where such a weight overflows, and a healthy UNet's weights are O(1). With
+    an `accelerator`, every rank agrees (one all-gather).
+    """
+    bad = None
+    for p in params:
+        if not torch.isfinite(p.detach()).all():
+            bad = "contain NaN or inf"
+            break
+        if p.numel() and p.detach().abs().max().item() > MAX_WEIGHT:
+            bad = f"exceed float16's range (|w| > {MAX_WEIGHT:g}): the run diverged"
+            break
+    if accelerator is not None:
+        flags = accelerator.gather(torch.tensor([float(bad is None)], device=accelerator.device))
+        if bool(flags.min() > 0) is False and bad is None:
+            bad = "are not finite or too large on another rank"
+    if bad is not None:
+        raise NonFiniteError(f"Refusing to write {what}: the trainable weights {bad}. Nothing was written.")
+
+
 def backward_if_finite(
-    accelerator: Accelerator, loss: torch.Tensor, step: int, nan_policy: str = "raise", name: str = "loss"
+    accelerator: Accelerator, loss: torch.Tensor, step: int, nan_policy: str | NaNGuard = "raise", name: str = "loss"
 ) -> bool:
     r"""
     `accelerator.backward(loss)` when `loss` is finite on every rank (see `guard_finite`). A skipped step still runs
@@ -102,7 +180,7 @@ def optimizer_step(
     params: list[torch.nn.Parameter],
     max_grad_norm: float,
     step: int,
-    nan_policy: str = "raise",
+    nan_policy: str | NaNGuard = "raise",
 ) -> torch.Tensor | None:
     r"""
     Clips gradients, checks their norm is finite (except under an fp16 grad scaler, which skips overflows itself),
@@ -198,6 +276,50 @@ def _fsync_tree(path: str) -> None:
                 os.fsync(f.fileno())
 
 
+def _write_manifest(path: str, step: int) -> None:
+    files = {}
+    for root, _, names in os.walk(path):
+        for name in names:
+            full = os.path.join(root, name)
+            files[os.path.relpath(full, path)] = os.path.getsize(full)
+    with open(os.path.join(path, CHECKPOINT_MANIFEST), "w", encoding="utf-8") as f:
+        json.dump({"step": step, "files": files}, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def checkpoint_problem(path: str) -> str | None:
+    r"""
+    Why the checkpoint directory `path` cannot be resumed from (a missing or mismatching file against its
+    `checkpoint.json` manifest), or `None` when it looks complete. Checkpoints written before manifests existed are
+    accepted; their load is still checked by `resume_from_checkpoint`.
+    """
+    manifest_path = os.path.join(path, CHECKPOINT_MANIFEST)
+    if not os.path.isfile(manifest_path):
+        return None
+    try:
+        with open(manifest_path, encoding="utf-8") as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError) as error:
+        return f"unreadable {CHECKPOINT_MANIFEST} ({error})"
+    for name, size in files.items():
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            return f"{name} is missing"
+        if os.path.getsize(full) != size:
+            return f"{name} has {os.path.getsize(full)} bytes, {size} were written"
+    return None
+
+
+def _remove_dir(path: str) -> None:
+    """Deletes a directory without ever leaving it visible half-deleted: hidden rename first, then delete."""
+    parent, name = os.path.split(path)
+    trash = os.path.join(parent, f".{name}.trash")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.rename(path, trash)
+    shutil.rmtree(trash)
+
+
 def save_checkpoint(
     accelerator: Accelerator,
     output_dir: str,
@@ -208,12 +330,13 @@ def save_checkpoint(
     r"""
     Saves a resumable checkpoint atomically to `output_dir/checkpoint-{step}` (call on every rank).
 
-    The state is written to `.checkpoint-{step}.partial` and renamed into place once complete; older checkpoints
-    beyond `total_limit` are deleted only afterwards. Raises `NonFiniteError` before writing anything when one of
-    `params` (the trainable weights) is not finite.
+    The state is written to `.checkpoint-{step}.partial`, completed by a `checkpoint.json` manifest, and renamed into
+    place; older checkpoints beyond `total_limit` are deleted only afterwards, each renamed to a hidden
+    `.checkpoint-N.trash` first. Raises `NonFiniteError` before writing anything when one of `params` (the trainable
+    weights) is not finite or beyond float16's range (`check_weights`).
     """
-    if params and not all_finite(accelerator, *params):
-        raise NonFiniteError(f"Refusing to write checkpoint-{step}: the trainable weights contain NaN or inf.")
+    if params:
+        check_weights(accelerator, params, f"checkpoint-{step}")
     final = os.path.join(output_dir, f"checkpoint-{step}")
     partial = os.path.join(output_dir, f".checkpoint-{step}.partial")
     if accelerator.is_main_process:
@@ -223,6 +346,7 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _fsync_tree(partial)
+        _write_manifest(partial, step)
         if os.path.exists(final):  # re-saving a step (after a resume): swap, never leave a gap
             stale = os.path.join(output_dir, f".checkpoint-{step}.old")
             shutil.rmtree(stale, ignore_errors=True)
@@ -235,7 +359,7 @@ def save_checkpoint(
         if total_limit is not None and len(checkpoints) > total_limit:
             for old in checkpoints[: len(checkpoints) - total_limit]:
                 logger.info(f"Removing {old} (--checkpoints_total_limit {total_limit})")
-                shutil.rmtree(old)
+                _remove_dir(old)
         logger.info(f"Saved state to {final}")
     accelerator.wait_for_everyone()
     return final
@@ -244,30 +368,49 @@ def save_checkpoint(
 def resume_from_checkpoint(accelerator: Accelerator, output_dir: str, resume: str | None) -> int:
     r"""
     Restores the state of `resume` (`"latest"` or a checkpoint directory) and returns its optimizer step; 0 when
-    `resume` is `None` or `"latest"` finds no checkpoint. Leftovers of interrupted saves are removed.
+    `resume` is `None` or `"latest"` finds no checkpoint. Leftovers of interrupted saves and deletions are removed.
+
+    With `"latest"`, a checkpoint that does not match its manifest or fails to load is skipped with a warning and the
+    previous one is tried (a run whose every checkpoint is unreadable raises `ValueError`). An explicit directory
+    that is incomplete raises `ValueError`.
     """
     if accelerator.is_main_process and os.path.isdir(output_dir):
         for name in os.listdir(output_dir):
             if name.startswith(".checkpoint-"):
                 shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    accelerator.wait_for_everyone()
     if resume is None:
         return 0
     if resume == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        if not checkpoints:
+        candidates = list_checkpoints(output_dir)[::-1]
+        if not candidates:
             logger.info(f"No checkpoint in {output_dir}: starting a new run.")
             return 0
-        path = checkpoints[-1]
     else:
-        path = resume
-        match = _CHECKPOINT.fullmatch(os.path.basename(os.path.normpath(path)))
-        if not os.path.isdir(path) or match is None:
+        match = _CHECKPOINT.fullmatch(os.path.basename(os.path.normpath(resume)))
+        if not os.path.isdir(resume) or match is None:
             raise ValueError(
                 f"`--resume_from_checkpoint` must be 'latest' or a checkpoint-N directory, got {resume!r}."
             )
-    logger.info(f"Resuming from {path}")
-    accelerator.load_state(path)
-    return int(os.path.basename(os.path.normpath(path)).split("-")[1])
+        candidates = [resume]
+    problems = []
+    for path in candidates:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            try:
+                logger.info(f"Resuming from {path}")
+                accelerator.load_state(path)
+                return int(os.path.basename(os.path.normpath(path)).split("-")[1])
+            except Exception as error:  # a corrupt file: safetensors / pickle / shape errors
+                problem = f"failed to load ({type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]})"
+        problems.append(f"{path}: {problem}")
+        if resume != "latest":
+            raise ValueError(f"`--resume_from_checkpoint` {path} is incomplete or corrupt: {problem}.")
+        logger.warning(f"Skipping {path}: {problem}. Trying the previous checkpoint.")
+    raise ValueError(
+        f"No checkpoint in {output_dir} can be resumed from ({'; '.join(problems)}): remove them or pass "
+        "`--resume_from_checkpoint` a good one."
+    )
 
 
 def register_checkpoint_hooks(accelerator: Accelerator, ema=None) -> None:

@@ -3,8 +3,9 @@
 Memory layout (ARCHITECTURE.md rule 6): the fake score is always a LoRA adapter on the teacher's frozen UNet. A LoRA
 student is a second adapter on that **same** UNet, so teacher (adapters off), fake score and student share one frozen
 copy of the base weights; a full student is a trainable float32 copy next to it. `AdapterView` switches adapters per
-call and keeps `requires_grad` of every trainable adapter as set up (peft's `set_adapter` would turn it off for the
-inactive one).
+call through peft's public layer API and keeps `requires_grad` of every trainable adapter as set up (peft's
+`set_adapter` alone would turn it off for the inactive one). The teacher is read in one place, `load_teacher`
+(`DiffusionPipeline.from_pretrained(..., use_safetensors=True)` through `pipelines.loading.load_pipeline`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
+from .errors import TrainingArgumentError
+
 
 __all__ = [
     "FAKE_SCORE_ADAPTER",
@@ -41,6 +44,7 @@ __all__ = [
     "load_teacher",
     "make_optimizer",
     "setup_accelerator",
+    "teacher_latent_shape",
     "weight_dtype",
 ]
 
@@ -50,7 +54,7 @@ STUDENT_ADAPTER = "student"
 FAKE_SCORE_ADAPTER = "fake_score"
 
 
-def setup_accelerator(args, find_unused_parameters: bool = False) -> Accelerator:
+def setup_accelerator(args, *, find_unused_parameters: bool = False) -> Accelerator:
     r"""
     The `Accelerator` of a run: mixed precision, gradient accumulation, tracker (`args.report_to`), seeding, TF32 and
     logging on the main process only. `find_unused_parameters` is needed under DDP when one module holds two
@@ -99,53 +103,121 @@ class TeacherComponents:
 
 def load_teacher(
     pretrained_model_name_or_path: str,
+    *,
     revision: str | None = None,
     variant: str | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    load_unet: bool = True,
 ) -> TeacherComponents:
     r"""
-    Loads a text-to-image teacher from a diffusers directory or Hub id (safetensors only), frozen, on `device`. The
-    text encoder and VAE are cast to `dtype`; the UNet stays float32 so that a full student copies exact weights
-    (`build_distillation_unets` casts its frozen part). Only the UNet, VAE, text encoder, tokenizer and scheduler
-    config are read (no safety checker).
+    Loads a text-to-image teacher from a diffusers directory or Hub id with `DiffusionPipeline.from_pretrained(...,
+    use_safetensors=True)` (`pipelines.loading.load_pipeline`; no safety checker), frozen, in eval mode, on `device`.
+    The text encoder and VAE are loaded in `dtype` (the training dtype); the UNet in float32 so that a full student
+    copies exact weights (`build_distillation_unets` casts its frozen part). The pipeline's scheduler config becomes
+    a `DDPMScheduler` (the training noise schedule).
+
+    Args:
+        pretrained_model_name_or_path (`str`): `--pretrained_teacher_model_name_or_path`.
+        revision, variant (`str`, *optional*): of the teacher on the Hub.
+        dtype (`torch.dtype`): the dtype of the text encoder and VAE.
+        device: where the components go.
+        load_unet (`bool`, defaults to `True`): `False` reads everything but the UNet (`unet` is then `None`).
     """
-    kwargs = {"revision": revision, "variant": variant, "use_safetensors": True}
-    path = pretrained_model_name_or_path
+    from ..pipelines.loading import load_pipeline
+
+    flag = "--pretrained_teacher_model_name_or_path"
+    kwargs = {"revision": revision, "variant": variant, "dtype": {"unet": torch.float32, "default": dtype}}
+    if not load_unet:
+        kwargs["unet"] = None
     try:
-        config = UNet2DConditionModel.load_config(path, subfolder="unet", revision=revision)
+        pipe = load_pipeline(pretrained_model_name_or_path, name=flag, **kwargs)
     except OSError as error:
-        raise ValueError(
-            f"`--pretrained_teacher_model_name_or_path`: could not read `unet/config.json` from {path!r} ({error}). "
-            "Pass a Stable-Diffusion-like diffusers directory or Hub id (UNet2DConditionModel, CLIP text encoder, VAE)."
+        raise TrainingArgumentError(
+            f"`{flag}`: could not load {pretrained_model_name_or_path!r} as a diffusers pipeline ({error})."
         ) from error
-    if config.get("_class_name") != "UNet2DConditionModel":
-        raise ValueError(
-            f"The teacher's UNet is a {config.get('_class_name')}; only UNet2DConditionModel is supported."
-        )
+    expected = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
+    for name, cls in expected.items():
+        component = getattr(pipe, name, None)
+        if name == "unet" and not load_unet:
+            continue
+        if not isinstance(component, cls):
+            raise TrainingArgumentError(
+                f"`{flag}`: the teacher's `{name}` is a {type(component).__name__}; this script needs a "
+                "Stable-Diffusion-like teacher (UNet2DConditionModel, AutoencoderKL, CLIPTextModel)."
+            )
     teacher = TeacherComponents(
-        tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision),
-        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kwargs),
-        vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **kwargs),
-        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs),
-        scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision),
+        tokenizer=pipe.tokenizer,
+        text_encoder=pipe.text_encoder,
+        vae=pipe.vae,
+        unet=pipe.unet if load_unet else None,
+        scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
     )
-    for model in (teacher.text_encoder, teacher.vae):
-        model.requires_grad_(False).eval().to(device=device, dtype=dtype)
-    teacher.unet.requires_grad_(False).eval().to(device=device)
+    for model in (teacher.text_encoder, teacher.vae, teacher.unet):
+        if model is not None:
+            model.requires_grad_(False).eval().to(device=device)
     return teacher
 
 
+def teacher_latent_shape(teacher: TeacherComponents, resolution: int | None = None) -> tuple[int, int, int]:
+    r"""
+    The student's latent shape `(channels, height, width)` at `resolution` (default: the UNet's sample size times the
+    VAE factor). Raises `TrainingArgumentError` when `--resolution` is <= 0 or not a multiple of the VAE factor times
+    the UNet's downsampling.
+    """
+    vae_factor = 2 ** (len(teacher.vae.config.block_out_channels) - 1)
+    multiple = vae_factor * 2 ** (len(teacher.unet.config.block_out_channels) - 1)
+    resolution = teacher.unet.config.sample_size * vae_factor if resolution is None else resolution
+    if resolution <= 0 or resolution % multiple:
+        raise TrainingArgumentError(
+            f"`--resolution` must be a positive multiple of {multiple} for this teacher (VAE factor {vae_factor} x the "
+            f"UNet's downsampling {multiple // vae_factor}), got {resolution}."
+        )
+    return teacher.unet.config.in_channels, resolution // vae_factor, resolution // vae_factor
+
+
+def _lora_target_names(unet: torch.nn.Module) -> list[str]:
+    names = set()
+    for name, module in unet.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and not isinstance(module, BaseTunerLayer):
+            parts = name.split(".")
+            names.add(".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1])
+    return sorted(n for n in names if "base_layer" not in n and "lora_" not in n)
+
+
 def add_lora_adapter(
-    unet: UNet2DConditionModel, adapter_name: str, rank: int, alpha: int | None = None, target_modules: str = ""
+    unet: UNet2DConditionModel,
+    *,
+    adapter_name: str,
+    rank: int,
+    alpha: int | None = None,
+    target_modules: str = "",
+    argument_prefix: str | None = None,
 ) -> list[torch.nn.Parameter]:
     r"""
     Adds a trainable LoRA adapter (`lora_B` zero-initialised, so the UNet is unchanged at first) and returns its
-    parameters; trainable parameters are cast to float32. `target_modules` is a comma-separated list of module names.
+    parameters; trainable parameters are cast to float32.
+
+    Args:
+        unet (`UNet2DConditionModel`): the UNet to adapt.
+        adapter_name (`str`): the adapter's name.
+        rank, alpha (`int`): LoRA rank (>= 1) and alpha (defaults to the rank).
+        target_modules (`str`): comma-separated module names (a name matches a module whose path ends with it).
+        argument_prefix (`str`, *optional*): the flags' prefix in error messages (e.g. `"fake_score_lora"`).
     """
+    prefix = argument_prefix or f"{adapter_name}_lora"
+    if rank < 1:
+        raise TrainingArgumentError(f"`--{prefix}_rank` must be >= 1, got {rank}.")
     targets = [name.strip() for name in target_modules.split(",") if name.strip()]
     if not targets:
-        raise ValueError(f"The LoRA target modules of adapter {adapter_name!r} are empty.")
+        raise TrainingArgumentError(f"`--{prefix}_target_modules` is empty: name the modules the adapter adapts.")
+    module_names = [name for name, _ in unet.named_modules()]
+    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in module_names)]
+    if unknown:
+        raise TrainingArgumentError(
+            f"`--{prefix}_target_modules`: {unknown} match no module of the UNet; its adaptable layers are named "
+            f"{_lora_target_names(unet)}."
+        )
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=targets)
     with warnings.catch_warnings():  # several adapters on one base is the point here (ARCHITECTURE.md rule 6)
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
@@ -180,35 +252,42 @@ class AdapterView:
         if not getattr(base, "_hf_peft_config_loaded", False):
             return
         adapters = tuple(base.peft_config)
-        cache = base.__dict__.get("_onestep_adapter_state")
-        if cache is None or cache["adapters"] != adapters:
-            layers = [m for m in base.modules() if isinstance(m, BaseTunerLayer)]
-            params = [p for layer in layers for name, p in layer.named_parameters() if "base_layer" not in name]
-            direct = all(hasattr(m, "_active_adapter") and hasattr(m, "_disable_adapters") for m in layers)
-            cache = {"adapters": adapters, "layers": layers, "params": params, "direct": direct}
-            base.__dict__["_onestep_adapter_state"] = cache
-        name, first = self.adapter_name, cache["layers"][0] if cache["layers"] else None
-        if (
-            first is None
-            or (first.disable_adapters and name is None)
-            or (not first.disable_adapters and first.active_adapters == [name])
-        ):  # already current (read from the layers, so a switch made elsewhere is noticed)
+        cache = base.__dict__.get("_onestep_adapter_layers")
+        if cache is None or cache[0] != adapters:
+            cache = (adapters, [m for m in base.modules() if isinstance(m, BaseTunerLayer)])
+            base.__dict__["_onestep_adapter_layers"] = cache
+        name, layers = self.adapter_name, cache[1]
+        if not layers:
             return
-        if cache["direct"]:
-            # peft's own layer state, set directly: what `set_adapter` / `enable_adapters` end with, without
-            # rewriting `requires_grad` on every adapter
-            for layer in cache["layers"]:
-                layer._disable_adapters = name is None
-                if name is not None:
-                    layer._active_adapter = [name]
-        else:  # the public path, then `requires_grad` restored
-            requires_grad = [p.requires_grad for p in cache["params"]]
-            for layer in cache["layers"]:
-                layer.enable_adapters(name is not None)
-                if name is not None:
-                    layer.set_adapter(name)
-            for p, flag in zip(cache["params"], requires_grad):
-                p.requires_grad_(flag)
+        first = layers[0]
+        if (first.disable_adapters and name is None) or (not first.disable_adapters and first.active_adapters == [name]):
+            return  # already current (read from the layers, so a switch made elsewhere is noticed)
+        # peft's public layer API; `set_adapter` / `enable_adapters` also rewrite requires_grad, so the adapters that
+        # were trainable (read on the first layer holding each: an adapter is trainable as a whole) are made
+        # trainable again
+        trainable, seen = [], set()
+        for layer in layers:
+            for attr in layer.adapter_layer_names:
+                for key, module in getattr(layer, attr).items():
+                    if key not in seen:
+                        seen.add(key)
+                        if any(p.requires_grad for p in module.parameters()):
+                            trainable.append(key)
+            if len(seen) == len(adapters):
+                break
+        for layer in layers:
+            if name is None:
+                layer.enable_adapters(False)
+            else:
+                layer.enable_adapters(True)
+                layer.set_adapter(name, inference_mode=True)
+            if trainable:
+                if hasattr(layer, "set_requires_grad"):
+                    layer.set_requires_grad(trainable, requires_grad=True)
+                else:  # peft < 0.18
+                    for attr in layer.adapter_layer_names:
+                        for key, module in getattr(layer, attr).items():
+                            module.requires_grad_(key in trainable)
 
     def __call__(self, *args, **kwargs):
         self.activate()
@@ -241,6 +320,7 @@ class DistillationUNets:
 
 def build_distillation_unets(
     teacher_unet: UNet2DConditionModel,
+    *,
     student_lora_rank: int = 0,
     student_lora_alpha: int | None = None,
     student_lora_target_modules: str = "to_q,to_k,to_v,to_out.0",
@@ -259,11 +339,19 @@ def build_distillation_unets(
     if student_lora_rank == 0:
         student = copy.deepcopy(teacher_unet).float().train().requires_grad_(True)
     fake_params = add_lora_adapter(
-        teacher_unet, FAKE_SCORE_ADAPTER, fake_score_lora_rank, fake_score_lora_alpha, fake_score_lora_target_modules
+        teacher_unet,
+        adapter_name=FAKE_SCORE_ADAPTER,
+        rank=fake_score_lora_rank,
+        alpha=fake_score_lora_alpha,
+        target_modules=fake_score_lora_target_modules,
     )
     if student is None:
         student_params = add_lora_adapter(
-            teacher_unet, STUDENT_ADAPTER, student_lora_rank, student_lora_alpha, student_lora_target_modules
+            teacher_unet,
+            adapter_name=STUDENT_ADAPTER,
+            rank=student_lora_rank,
+            alpha=student_lora_alpha,
+            target_modules=student_lora_target_modules,
         )
         for p in fake_params:  # add_adapter's set_adapter froze the first adapter
             p.requires_grad_(True)
@@ -280,6 +368,7 @@ def build_distillation_unets(
 
 def make_optimizer(
     params: list[torch.nn.Parameter],
+    *,
     learning_rate: float,
     betas: tuple[float, float] = (0.9, 0.999),
     weight_decay: float = 1e-2,
@@ -301,7 +390,7 @@ _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def load_clip(
-    pretrained_model_name_or_path: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    pretrained_model_name_or_path: str, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
 ) -> tuple[CLIPModel, CLIPTokenizer]:
     r"""A frozen `CLIPModel` and its tokenizer (safetensors only), for the optional clamped CLIP loss."""
     model = CLIPModel.from_pretrained(pretrained_model_name_or_path, use_safetensors=True)

@@ -17,6 +17,7 @@ __all__ = ["log_validation"]
 @torch.no_grad()
 def log_validation(
     pipeline,
+    *,
     prompts: list[str],
     accelerator: Accelerator,
     step: int,

@@ -20,6 +20,8 @@ probability 0.1. Optional clamped CLIP loss (2.5, from SwiftBrush v2): `max(0, t
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -62,6 +64,7 @@ class PGSwiftBrushLoss:
 
     def __init__(
         self,
+        *,
         guidance_scale_range: tuple[float, float] = (0.5, 4.0),
         fixed_guidance_scale: float | None = None,
         guide_fake_score: bool = True,
@@ -70,8 +73,12 @@ class PGSwiftBrushLoss:
         uncond_prob: float = 0.1,
     ):
         k_min, k_max = guidance_scale_range
-        if not 0 <= k_min <= k_max:
-            raise ValueError(f"`guidance_scale_range` must satisfy 0 <= k_min <= k_max, got {guidance_scale_range}.")
+        if not (math.isfinite(k_min) and math.isfinite(k_max) and 0 <= k_min <= k_max):
+            raise ValueError(
+                f"`guidance_scale_range` must satisfy 0 <= k_min <= k_max (finite), got {guidance_scale_range}."
+            )
+        if fixed_guidance_scale is not None and not (math.isfinite(fixed_guidance_scale) and fixed_guidance_scale >= 0):
+            raise ValueError(f"`fixed_guidance_scale` must be a finite number >= 0, got {fixed_guidance_scale}.")
         if not 0 <= min_timestep <= max_timestep:
             raise ValueError(f"need 0 <= `min_timestep` <= `max_timestep`, got {min_timestep} and {max_timestep}.")
         if not 0.0 <= uncond_prob <= 1.0:
@@ -83,7 +90,7 @@ class PGSwiftBrushLoss:
         self.uncond_prob = uncond_prob
 
     def sample_guidance_scale(
-        self, batch_size: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+        self, batch_size: int, *, device: torch.device | str = "cpu", generator: torch.Generator | None = None
     ) -> torch.Tensor:
         r"""`k` per sample, shape `(batch_size,)`: `U(k_min, k_max)`, or the fixed scale of the baseline."""
         if self.fixed_guidance_scale is not None:
@@ -99,6 +106,7 @@ class PGSwiftBrushLoss:
         x0: torch.Tensor,
         prompt_embeds: torch.Tensor,
         uncond_prompt_embeds: torch.Tensor,
+        *,
         noise: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
         guidance_scale: torch.Tensor | None = None,
@@ -123,7 +131,7 @@ class PGSwiftBrushLoss:
             raise ValueError(f"`max_timestep` must be < {num_train_timesteps}, got {self.max_timestep}.")
         noise, timesteps = _noise_and_timesteps(x0, noise, timesteps, self.min_timestep, self.max_timestep, generator)
         if guidance_scale is None:
-            guidance_scale = self.sample_guidance_scale(batch_size, x0.device, generator)
+            guidance_scale = self.sample_guidance_scale(batch_size, device=x0.device, generator=generator)
         guidance_scale = guidance_scale.to(x0.device).float()
         uncond = _expand(uncond_prompt_embeds, batch_size)
 
@@ -155,6 +163,7 @@ class PGSwiftBrushLoss:
         x0: torch.Tensor,
         prompt_embeds: torch.Tensor,
         uncond_prompt_embeds: torch.Tensor,
+        *,
         noise: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
         uncond_mask: torch.Tensor | None = None,

@@ -1,7 +1,9 @@
 """diffusers-onestep: one-step text-to-image for Hugging Face diffusers.
 
-Every component is imported eagerly: diffusers resolves a `["diffusers_onestep", "<Class>"]` entry of a
-`model_index.json` only when `diffusers_onestep` is already imported.
+Every component is imported eagerly: diffusers resolves our entries of a `model_index.json` only when
+`diffusers_onestep` is already imported. The import also registers our pipelines with diffusers' generic loaders
+(`pipelines.loading.register_with_diffusers`), so `DiffusionPipeline.from_pretrained(dir)` and
+`AutoPipelineForText2Image.from_pretrained(dir or Hub id)` return them.
 """
 
 __version__ = "0.1.0.dev0"
@@ -17,7 +19,11 @@ from .pipelines import (
     OneStepPipelineOutput,
     Oracle,
 )
+from .pipelines.loading import register_with_diffusers
 from .schedulers import ConsistencyStudentScheduler, ConsistencyStudentSchedulerOutput
+
+
+register_with_diffusers(OneStepPipeline, AdaptiveCollabPipeline, auto_names={"onestep": "OneStepPipeline"})
 
 
 __all__ = [

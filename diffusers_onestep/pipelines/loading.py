@@ -45,6 +45,8 @@ def check_safetensors_only(path: str | os.PathLike, name: str = "pretrained_mode
         return
     folders = [path] + [os.path.join(path, d) for d in sorted(os.listdir(path)) if os.path.isdir(os.path.join(path, d))]
     for folder in folders:
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            continue  # not a model folder (pipeline root, scheduler, tokenizer)
         pickled = [f for pattern in _PICKLED for f in glob.glob(os.path.join(folder, pattern))]
         if pickled and not glob.glob(os.path.join(folder, "*.safetensors")):
             names = ", ".join(sorted(os.path.basename(f) for f in pickled))
@@ -52,11 +54,22 @@ def check_safetensors_only(path: str | os.PathLike, name: str = "pretrained_mode
             where = "" if subfolder == "." else f" in `{subfolder}/`"
             raise ValueError(
                 f"`{name}`: {path!r} holds only pickled weights{where} ({names}); diffusers-onestep loads weights from "
-                "safetensors only (pickles can run code when loaded). If you trust the files, convert them once: "
-                f"`python -c \"from diffusers import DiffusionPipeline; DiffusionPipeline.from_pretrained({path!r}, "
-                f"use_safetensors=False).save_pretrained('<new dir>', safe_serialization=True)\"` (for a single model "
-                "folder use its class, e.g. UNet2DConditionModel, the same way)."
+                "safetensors only (a pickle can run code when it is loaded). If you trust the file, convert it once "
+                f"in place: `python -c \"{_conversion_command(folder)}\"`."
             )
+
+
+def _conversion_command(folder: str) -> str:
+    """A one-line command that rewrites a model folder's pickled weights as safetensors, next to them."""
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as file:
+        config = json.load(file)
+    library, class_name = "diffusers", config.get("_class_name")
+    if class_name is None:
+        library, class_name = "transformers", (config.get("architectures") or ["AutoModel"])[0]
+    return (
+        f"from {library} import {class_name}; {class_name}.from_pretrained({folder!r}, use_safetensors=False)"
+        f".save_pretrained({folder!r}, safe_serialization=True)"
+    )
 
 
 def load_pipeline(

@@ -30,8 +30,11 @@ def tokenize_prompt(
     text_inputs = tokenizer(prompt, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     untruncated_ids = tokenizer(prompt, padding="longest", return_tensors="pt").input_ids
     if untruncated_ids.shape[-1] > text_inputs.input_ids.shape[-1]:
-        removed_text = tokenizer.batch_decode(untruncated_ids[:, max_length - 1 : -1])
-        logger.warning(f"The following part of your input was truncated to {max_length} tokens: {removed_text}")
+        # one short line whatever the prompt's length: how much was cut, and where the cut text starts
+        removed = untruncated_ids.shape[-1] - text_inputs.input_ids.shape[-1]
+        start = tokenizer.decode(untruncated_ids[0, max_length - 1 : max_length + 9], skip_special_tokens=True)
+        start = start if len(start) <= 60 else start[:57] + "..."
+        logger.warning(f"A prompt was truncated to {max_length} tokens ({removed} tokens cut, from {start!r}...).")
     return text_inputs.input_ids, text_inputs.attention_mask
 
 

@@ -81,7 +81,13 @@ class ConsistencyStudentScheduler(SchedulerMixin, ConfigMixin):
             The clipping bound, used only when `clip_sample=True`.
     """
 
-    _compatibles = [e.name for e in KarrasDiffusionSchedulers] + ["LCMScheduler", "TCDScheduler"]
+    # Every scheduler here runs in `OneStepPipeline` (tests/test_pipeline_conformance.py runs each). Left out of diffusers'
+    # Karras list: DPMSolverSDEScheduler (needs `torchsde`, not a dependency) and EDMEulerScheduler (EDM sigmas: it
+    # drops the VP betas of this config). PNDM with its default PRK warm-up needs `num_inference_steps >= 4`;
+    # with `skip_prk_steps=True` (how Stable Diffusion checkpoints configure it) any step count runs.
+    _compatibles = [
+        e.name for e in KarrasDiffusionSchedulers if e.name not in ("DPMSolverSDEScheduler", "EDMEulerScheduler")
+    ] + ["LCMScheduler", "TCDScheduler"]
     order = 1
 
     @register_to_config

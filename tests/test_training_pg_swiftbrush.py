@@ -5,7 +5,6 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import huggingface_hub
@@ -15,8 +14,7 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from diffusers_onestep import ConsistencyStudentScheduler, OneStepPipeline
-from diffusers_onestep.losses import PGSwiftBrushLoss
-from diffusers_onestep.training_utils import NonFiniteError, list_checkpoints
+from diffusers_onestep.training_utils import list_checkpoints
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,75 +128,7 @@ def test_lora_student_shares_base_and_reloads_with_alpha(script, tiny_teacher_di
     assert card.data.base_model is None  # a local teacher is not valid Hub metadata (see --hub_base_model)
 
 
-def _kill_during_save_of_step_4(argv, cwd):
-    code = textwrap.dedent(
-        f"""
-        import importlib.util, os, signal, sys
-        import diffusers_onestep.training_utils.loop as loop
-
-        save_file = loop.save_file
-        def killing_save_file(tensors, filename, *args, **kwargs):
-            save_file(tensors, filename, *args, **kwargs)
-            if ".checkpoint-4.partial" in filename:  # first file of the second checkpoint written: die mid-save
-                os.kill(os.getpid(), signal.SIGKILL)
-        loop.save_file = killing_save_file
-        spec = importlib.util.spec_from_file_location("script", {str(SCRIPT)!r})
-        script = importlib.util.module_from_spec(spec)
-        sys.modules["script"] = script
-        spec.loader.exec_module(script)
-        script.main({argv!r})
-        """
-    )
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=SUBPROCESS_ENV, capture_output=True, text=True)
-
-
-def test_resume_after_kill_during_save_matches_uninterrupted_run(
-    script, tiny_teacher_dir, prompts_file, tmp_path, monkeypatch
-):
-    common = ["--max_train_steps=4", "--checkpointing_steps=2", "--use_ema", "--lr_scheduler=linear"]
-    script.main(_argv(tiny_teacher_dir, prompts_file, tmp_path / "straight", *common))
-
-    killed = tmp_path / "killed"
-    argv = _argv(tiny_teacher_dir, prompts_file, killed, *common)
-    result = _kill_during_save_of_step_4(argv, tmp_path)
-    assert result.returncode == -9, result.stderr[-3000:]
-    # the kill left a partial save behind, but the previous checkpoint is complete and the only one listed
-    assert (killed / ".checkpoint-4.partial").is_dir()
-    assert [os.path.basename(p) for p in list_checkpoints(killed)] == ["checkpoint-2"]
-
-    original, calls = PGSwiftBrushLoss.generator_loss, []
-    monkeypatch.setattr(PGSwiftBrushLoss, "generator_loss", lambda *a, **k: calls.append(1) or original(*a, **k))
-    script.main(argv + ["--resume_from_checkpoint=latest"])
-    assert len(calls) == 2  # steps 3 and 4 only: the run continued from checkpoint-2
-    assert not (killed / ".checkpoint-4.partial").exists()
-    straight = load_file(tmp_path / "straight" / "unet" / "diffusion_pytorch_model.safetensors")
-    resumed = load_file(killed / "unet" / "diffusion_pytorch_model.safetensors")
-    assert straight.keys() == resumed.keys()
-    for name in straight:
-        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
-
-
-def test_injected_nan_is_caught(script, tiny_teacher_dir, prompts_file, tmp_path, monkeypatch):
-    original, calls = PGSwiftBrushLoss.generator_loss, []
-
-    def nan_on_second_step(self, *args, **kwargs):
-        loss, logs = original(self, *args, **kwargs)
-        calls.append(1)
-        return (loss * float("nan") if len(calls) == 2 else loss), logs
-
-    monkeypatch.setattr(PGSwiftBrushLoss, "generator_loss", nan_on_second_step)
-    out = tmp_path / "nan"
-    with pytest.raises(NonFiniteError, match="optimizer step 1.*loss_student=nan.*--nan_policy skip"):
-        script.main(_argv(tiny_teacher_dir, prompts_file, out, "--max_train_steps=3", "--checkpointing_steps=1"))
-    assert [os.path.basename(p) for p in list_checkpoints(out)] == ["checkpoint-1"]
-    assert all(torch.isfinite(t).all() for t in load_file(out / "checkpoint-1" / "trainable_0.safetensors").values())
-    assert not (out / "unet").exists()
-
-    calls.clear()
-    out = tmp_path / "skip"
-    script.main(_argv(tiny_teacher_dir, prompts_file, out, "--max_train_steps=3", "--nan_policy=skip"))
-    weights = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
-    assert all(torch.isfinite(t).all() for t in weights.values())
+# kill / resume, NaN and unreachable-Hub tests run for every script in tests/test_training_faults.py
 
 
 def test_push_to_hub_uploads_the_output_dir(script, tiny_teacher_dir, prompts_file, tmp_path, monkeypatch, capfd):

@@ -1,5 +1,15 @@
 """The bottom floor: VP math and network adapters, imported by schedulers, pipelines and losses (importing none)."""
 
+from .backbones import (
+    BACKBONES,
+    BackboneAdapter,
+    PixArtTransformerAdapter,
+    SDUNetAdapter,
+    SDXLUNetAdapter,
+    backbone_for,
+    cat_conditioning,
+    repeat_conditioning,
+)
 from .denoiser import (
     INPUT_TYPES,
     PREDICTION_TYPES,
@@ -13,6 +23,14 @@ from .denoiser import (
 
 
 __all__ = [
+    "BACKBONES",
+    "BackboneAdapter",
+    "PixArtTransformerAdapter",
+    "SDUNetAdapter",
+    "SDXLUNetAdapter",
+    "backbone_for",
+    "cat_conditioning",
+    "repeat_conditioning",
     "INPUT_TYPES",
     "PREDICTION_TYPES",
     "Denoiser",

@@ -97,66 +97,80 @@ class DenoiserOutput:
 
 class Denoiser:
     r"""
-    Wraps a UNet and its training noise schedule so that callers get `x0` and `eps` whatever the `prediction_type`.
+    Wraps a denoising network and its training noise schedule so that callers get `x0` and `eps` whatever the
+    `prediction_type` and whatever the backbone.
 
     Args:
-        unet (`UNet2DConditionModel`): the network (teacher, fake score or student).
+        unet (`UNet2DConditionModel`, `PixArtTransformer2DModel` or a callable view of one): the network (teacher,
+            fake score or student).
         alphas_cumprod (`torch.Tensor`): `abar_t` for `t` in `[0, num_train_timesteps)`.
-        prediction_type (`str`): what the UNet predicts: `"epsilon"`, `"v_prediction"` or `"sample"`.
+        prediction_type (`str`): what the network predicts: `"epsilon"`, `"v_prediction"` or `"sample"`.
+        backbone (`BackboneAdapter`, *optional*): turns the conditioning dict into the network call; defaults to the
+            adapter of `unet` (`models.backbones.backbone_for`), the SD UNet one for objects it does not know.
     """
 
-    def __init__(self, unet, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon"):
+    def __init__(self, unet, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon", backbone=None):
+        from .backbones import BACKBONES, backbone_for
+
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {prediction_type!r}.")
+        if backbone is None:
+            network = getattr(unet, "base", unet)
+            try:
+                backbone = backbone_for(network)
+            except ValueError:
+                backbone = BACKBONES["sd"]
         self.unet = unet
         self.alphas_cumprod = alphas_cumprod
         self.prediction_type = prediction_type
+        self.backbone = backbone
 
     @classmethod
-    def from_scheduler(cls, unet, scheduler) -> Denoiser:
+    def from_scheduler(cls, unet, scheduler, backbone=None) -> Denoiser:
         r"""Builds the adapter from any diffusers scheduler with `alphas_cumprod` (DDPM, DDIM, PNDM, ours, ...)."""
-        return cls(unet, scheduler.alphas_cumprod, scheduler.config.prediction_type)
+        return cls(unet, scheduler.alphas_cumprod, scheduler.config.prediction_type, backbone=backbone)
 
     def __call__(
         self,
         sample: torch.Tensor,
         timesteps: torch.Tensor | int,
-        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | dict,
         guidance_scale: float | torch.Tensor | None = None,
-        uncond_encoder_hidden_states: torch.Tensor | None = None,
+        uncond_encoder_hidden_states: torch.Tensor | dict | None = None,
         cross_attention_kwargs: dict | None = None,
     ) -> DenoiserOutput:
         r"""
         Denoises `sample` (`x_t`, `(batch, C, H, W)`) at integer `timesteps` (scalar or `(batch,)`).
 
-        With `guidance_scale` (float or `(batch,)`) and `uncond_encoder_hidden_states`, the unconditional and
-        conditional branches run as one batched UNet call and are combined by `classifier_free_guidance` on the
-        raw outputs (every conversion is linear in the output, so this equals guiding `x0` or `eps`).
+        The conditioning is a dict for the backbone adapter (`{"encoder_hidden_states": ...}` for SD, plus
+        `text_embeds` / `time_ids` for SDXL, `encoder_attention_mask` for PixArt); a tensor means SD's
+        `encoder_hidden_states`. With `guidance_scale` (float or `(batch,)`) and the unconditional conditioning, the
+        two branches run as one batched call and are combined by `classifier_free_guidance` on the raw outputs (every
+        conversion is linear in the output, so this equals guiding `x0` or `eps`).
         """
+        from .backbones import cat_conditioning
+
+        cond = encoder_hidden_states if isinstance(encoder_hidden_states, dict) else {
+            "encoder_hidden_states": encoder_hidden_states
+        }  # fmt: skip
+        uncond = uncond_encoder_hidden_states
+        if uncond is not None and not isinstance(uncond, dict):
+            uncond = {**cond, "encoder_hidden_states": uncond}
         batch_size = sample.shape[0]
         timesteps = torch.as_tensor(timesteps, device=sample.device).long().reshape(-1).expand(batch_size)
         alpha, sigma = alpha_sigma(self.alphas_cumprod.to(sample.device), timesteps, sample.ndim)
         model_input = sample.to(self.unet.dtype)
-        guided = guidance_scale is not None and uncond_encoder_hidden_states is not None
-        if guided:
-            model_output = self.unet(
-                torch.cat([model_input, model_input]),
-                torch.cat([timesteps, timesteps]),
-                encoder_hidden_states=torch.cat([uncond_encoder_hidden_states, encoder_hidden_states]),
-                cross_attention_kwargs=cross_attention_kwargs,
-            ).sample
-            uncond, cond = model_output.float().chunk(2)
-            model_output = classifier_free_guidance(uncond, cond, guidance_scale)
+        if guidance_scale is not None and uncond is not None:
+            model_output = self.backbone(
+                self.unet, torch.cat([model_input, model_input]), torch.cat([timesteps, timesteps]),
+                cat_conditioning(uncond, cond), cross_attention_kwargs,
+            )  # fmt: skip
+            uncond_output, cond_output = model_output.float().chunk(2)
+            model_output = classifier_free_guidance(uncond_output, cond_output, guidance_scale)
         else:
-            model_output = self.unet(
-                model_input,
-                timesteps,
-                encoder_hidden_states=encoder_hidden_states,
-                cross_attention_kwargs=cross_attention_kwargs,
-            ).sample
+            model_output = self.backbone(self.unet, model_input, timesteps, cond, cross_attention_kwargs)
         x0, eps = to_x0_eps(model_output, sample, alpha, sigma, self.prediction_type)
         return DenoiserOutput(x0=x0, eps=eps)
-
 
 def student_input(
     alphas_cumprod: torch.Tensor, t_init: int, noise: torch.Tensor, input_type: str = "noise"

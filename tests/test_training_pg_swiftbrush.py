@@ -1,6 +1,7 @@
 """End-to-end tests of training/train_pg_swiftbrush.py: `main([...])` in-process against a tiny teacher directory."""
 
 import importlib.util
+import json
 import os
 import socket
 import subprocess
@@ -14,6 +15,7 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from diffusers_onestep import ConsistencyStudentScheduler, OneStepPipeline
+from diffusers_onestep.losses import PGSwiftBrushLoss
 from diffusers_onestep.training_utils import list_checkpoints
 
 
@@ -131,7 +133,9 @@ def test_lora_student_shares_base_and_reloads_with_alpha(script, tiny_teacher_di
 # kill / resume, NaN and unreachable-Hub tests run for every script in tests/test_training_faults.py
 
 
-def test_push_to_hub_uploads_the_output_dir(script, tiny_teacher_dir, prompts_file, tmp_path, monkeypatch, capfd):
+def test_push_to_hub_uploads_the_output_dir(
+    script, tiny_teacher_dir, prompts_file, tmp_path, monkeypatch, capfd, caplog
+):
     calls = {}
 
     def create_repo(repo_id, **kwargs):
@@ -145,7 +149,8 @@ def test_push_to_hub_uploads_the_output_dir(script, tiny_teacher_dir, prompts_fi
     monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
     out = tmp_path / "hub"
-    argv = _argv(tiny_teacher_dir, prompts_file, out, "--max_train_steps=1", "--push_to_hub")
+    argv = _argv(tiny_teacher_dir, prompts_file, out, "--max_train_steps=1", "--push_to_hub", "--report_to=tensorboard")
+    argv += ["--checkpointing_steps=1", "--validation_prompts", "a pet", "--validation_steps=1"]
     script.main(argv + ["--hub_model_id=someone/pgsb-tiny", "--hub_token", "hf_SECRET123", "--student_lora_rank=2"])
 
     repo_id, kwargs = calls["create_repo"]
@@ -158,24 +163,145 @@ def test_push_to_hub_uploads_the_output_dir(script, tiny_teacher_dir, prompts_fi
     assert "hf_SECRET123" not in card and "--hub_token '***'" not in card and "--hub_token ***" in card
     assert 'lora="someone/pgsb-tiny"' in card
     captured = capfd.readouterr()
-    assert "hf_SECRET123" not in captured.out + captured.err
+    assert "hf_SECRET123" not in captured.out + captured.err + caplog.text
+    # every file the run wrote (card, checkpoint, TensorBoard events, validation grid, weights) is free of it
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert any("tfevents" in p.name for p in written) and any("checkpoint-1" in str(p) for p in written)
+    assert [p for p in written if b"hf_SECRET123" in p.read_bytes()] == []
+    # a token on the command line is accepted but discouraged, as diffusers' scripts do
+    assert "`--hub_token` was given on the command line" in caplog.text and "HF_TOKEN" in caplog.text
 
 
-def test_bad_arguments_fail_before_any_work(script, tiny_teacher_dir, prompts_file, tmp_path, capsys):
+def test_secret_flags_are_masked_whatever_their_spelling():
+    from diffusers_onestep.training_utils import format_command, mask_secrets
+
+    argv = ["--hub-token", "hf_abcdefghij1", "--HUB_TOKEN=hf_abcdefghij2", "--wandb_api_key", "k3y-value"]
+    argv += ["--validation_prompts", "a cat hf_abcdefghij4", "--my_secret=s3cr3t"]
+    command = format_command(argv, "t.py")
+    for secret in ("hf_abcdefghij1", "hf_abcdefghij2", "k3y-value", "hf_abcdefghij4", "s3cr3t"):
+        assert secret not in command
+    assert command.startswith("accelerate launch t.py --hub-token *** --HUB_TOKEN=*** --wandb_api_key ***")
+    assert mask_secrets("token=abcd1234 and hf_zzzzzzzzzz", ["abcd1234"]) == "token=*** and ***"
+
+
+@pytest.fixture(scope="module")
+def bin_only_teacher(tiny_teacher_dir, tmp_path_factory):
+    """The tiny teacher with its UNet weights as a pickle (`.bin`) only."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    path = tmp_path_factory.mktemp("bin-teacher") / "teacher"
+    shutil.copytree(tiny_teacher_dir, path)
+    unet = UNet2DConditionModel.from_pretrained(path / "unet")
+    (path / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    unet.save_pretrained(path / "unet", safe_serialization=False)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--resolution=0"], "`--resolution` must be >= 1, got 0"),
+        (["--resolution=-16"], "`--resolution` must be >= 1, got -16"),
+        (["--resolution=6"], "`--resolution` must be a multiple of 4 for this teacher"),  # VAE 2 x UNet 2
+        (["--fixed_guidance_scale=-3"], "`--fixed_guidance_scale` must be >= 0, got -3"),
+        (["--fake_score_lora_rank=0"], "`--fake_score_lora_rank` must be >= 1, got 0"),
+        (["--learning_rate=inf"], "`--learning_rate` must be a finite number > 0, got inf"),
+        (["--learning_rate=nan"], "`--learning_rate` must be a finite number > 0, got nan"),
+        (["--seed=-5"], r"`--seed` must be in \[0, 4294967295\], got -5"),
+        (["--clip_model_name_or_path=/nowhere/clip"], "`--clip_model_name_or_path` '/nowhere/clip': no such directory"),
+        (["--train_prompts=missing.txt"], "`--train_prompts` 'missing.txt': no such file"),
+        (["--uncond_prob=1.5"], r"`--uncond_prob` must be in \[0, 1\], got 1.5"),
+        (["--guidance_scale_min=5"], "guidance_scale_range"),
+        (["--student_lora_rank=-1"], "`--student_lora_rank` must be >= 0"),
+        (["--fake_score_lora_target_modules=to_q,to_qq"], r"`--fake_score_lora_target_modules`: \['to_qq'\] match no"),
+        (["--student_lora_rank=2", "--student_lora_target_modules=nothing"], "`--student_lora_target_modules`: "),
+        (["--dataset_name=org/prompts"], "exactly one prompt source"),
+    ],
+)
+def test_bad_flags_fail_naming_the_flag_and_allowed_values(script, tiny_teacher_dir, prompts_file, tmp_path, flags, match):
     out = tmp_path / "bad"
-    with pytest.raises(SystemExit):
-        script.main(_argv(tiny_teacher_dir, prompts_file, out, "--mixed_precision=fp8"))
-    assert "--mixed_precision" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="--student_lora_rank"):
-        script.main(_argv(tiny_teacher_dir, prompts_file, out, "--student_lora_rank=-1"))
-    with pytest.raises(ValueError, match="guidance_scale_range"):
-        script.main(_argv(tiny_teacher_dir, prompts_file, out, "--guidance_scale_min=5"))
+    with pytest.raises(ValueError, match=match):
+        script.main(_argv(tiny_teacher_dir, prompts_file, out, *flags))
+    assert not out.exists()  # nothing was created: the error came before any work
+
+
+def test_teacher_output_dir_and_parser_errors_are_clear(
+    script, tiny_teacher_dir, bin_only_teacher, prompts_file, tmp_path, capsys
+):
+    out = tmp_path / "bad"
+    with pytest.raises(ValueError, match=r"holds only pickled weights in `unet/`.*safetensors only.*convert"):
+        script.main(_argv(bin_only_teacher, prompts_file, out))
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match="`--output_dir` .*a_file' is a file"):
+        script.main(_argv(tiny_teacher_dir, prompts_file, tmp_path / "a_file"))
     with pytest.raises(ValueError, match="--pretrained_teacher_model_name_or_path"):
         script.main(_argv("", prompts_file, out))
-    with pytest.raises(SystemExit):
-        script.main(_argv(tiny_teacher_dir, prompts_file, out, "--preset=sd99-nothing"))
-    assert "sd15-pgsb" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="`--pretrained_teacher_model_name_or_path` '/no/teacher': no such directory"):
+        script.main(_argv("/no/teacher", prompts_file, out))
+    capsys.readouterr()
+    # argparse-level errors: one line on stderr, exit status 2, the closest flag named, values never echoed
+    for flags, expected in [
+        (["--hub_tok", "hf_SECRETabcdefgh123"], "unrecognized argument --hub_tok; did you mean --hub_token?"),
+        (["--learning_r=1e-4"], "unrecognized argument --learning_r; did you mean --learning_rate?"),  # no abbrevs
+        (["--mixed_precision=fp8"], "--mixed_precision"),
+        (["--preset=sd99-nothing"], "sd15-pgsb"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            script.main(_argv(tiny_teacher_dir, prompts_file, out, *flags))
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and expected in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and "SECRET" not in err
     assert not out.exists()
+
+
+def test_diffusers_flag_names_epochs_imagefolder_captions_and_report_to_all(
+    script, tiny_teacher_dir, tmp_path, monkeypatch
+):
+    # an imagefolder whose metadata.jsonl holds the captions (the images themselves are never read)
+    data = tmp_path / "imagefolder"
+    data.mkdir()
+    rows = [{"file_name": f"{i}.png", "text": p} for i, p in enumerate(["a cat", "a dog", "a pet"])]
+    (data / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "run"
+    calls = []
+    original = PGSwiftBrushLoss.generator_loss
+    monkeypatch.setattr(PGSwiftBrushLoss, "generator_loss", lambda *a, **k: calls.append(1) or original(*a, **k))
+    argv = [a for a in _argv(tiny_teacher_dir, "x", out) if not a.startswith(("--train_prompts", "--learning_rate"))]
+    argv = [a.replace("--pretrained_teacher_model_name_or_path", "--pretrained_model_name_or_path") for a in argv]
+    argv = [a for a in argv if a != "--report_to=none"] + ["--report_to=all", f"--train_data_dir={data}"]
+    argv += ["--caption_column=text", "--num_train_epochs=2", "--student_lora_rank=2"]
+    script.main(argv)
+    assert len(calls) == 4  # 3 captions / batch 2 -> 2 steps per epoch, 2 epochs
+    card = (out / "README.md").read_text()
+    assert "| learning_rate | 0.0001 |" in card  # the LoRA student's default
+    assert list(out.glob("logs/**/events.out.tfevents.*"))  # 'all' = every installed tracker (TensorBoard here)
+
+
+def test_learning_rate_default_follows_the_student_kind(prompts_file):
+    from diffusers_onestep.training_utils import (
+        LORA_LEARNING_RATE,
+        STUDENT_LEARNING_RATE,
+        TrainingArguments,
+        parse_args,
+        validate_training_args,
+    )
+
+    def resolved(*flags):
+        (args,) = parse_args((TrainingArguments,), ["--pretrained_model_name_or_path=org/t", f"--train_prompts={prompts_file}", *flags])
+        validate_training_args(args)
+        return args
+
+    assert resolved().learning_rate == STUDENT_LEARNING_RATE == 1e-6
+    assert resolved("--student_lora_rank=8").learning_rate == LORA_LEARNING_RATE == 1e-4
+    assert resolved("--student_lora_rank=8", "--learning_rate=3e-5").learning_rate == 3e-5
+    # an explicit epoch count beats a preset's step count; an explicit step count beats both
+    presets = {"p": {"max_train_steps": 40_000}}
+    (args,) = parse_args((TrainingArguments,), ["--preset=p", "--num_train_epochs=2"], presets=presets)
+    assert args.max_train_steps is None
+    (args,) = parse_args((TrainingArguments,), ["--preset=p", "--num_train_epochs=2", "--max_train_steps=7"], presets=presets)
+    assert args.max_train_steps == 7
 
 
 def _free_port():

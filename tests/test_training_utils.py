@@ -209,3 +209,125 @@ def test_log_validation_logs_grayscale_images_to_tensorboard(tmp_path):
         pipeline, prompts=["a", "b"], accelerator=accelerator, step=3, output_dir=str(tmp_path), num_images_per_prompt=2
     )
     assert logged == [(4, 8, 8, 3)] and len(images) == 4 and os.path.isfile(path)
+
+
+def _checkpointed_model(tmp_path):
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    register_checkpoint_hooks(accelerator)
+    return accelerator, model
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_good_one(tmp_path, caplog):
+    accelerator, model = _checkpointed_model(tmp_path)
+    weights = {}
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            model.weight.fill_(float(step))
+        save_checkpoint(accelerator, str(tmp_path), step, params=list(model.parameters()))
+        weights[step] = model.weight.detach().clone()
+    manifest = json.loads((tmp_path / "checkpoint-3" / "checkpoint.json").read_text())
+    assert manifest["step"] == 3 and "trainable_0.safetensors" in manifest["files"]
+
+    # latest truncated (its manifest catches it), the one before corrupted in place (its load fails)
+    latest = tmp_path / "checkpoint-3" / "trainable_0.safetensors"
+    latest.write_bytes(latest.read_bytes()[:20])
+    middle = tmp_path / "checkpoint-2" / "trainable_0.safetensors"
+    middle.write_bytes(b"\xff" * len(middle.read_bytes()))
+    with torch.no_grad():
+        model.weight.zero_()
+    assert resume_from_checkpoint(accelerator, str(tmp_path), "latest") == 1
+    torch.testing.assert_close(model.weight.detach(), weights[1])
+    assert "Skipping" in caplog.text and "checkpoint-3" in caplog.text and "checkpoint-2" in caplog.text
+    # an explicit corrupt checkpoint is an error, not a silent fallback
+    with pytest.raises(ValueError, match="checkpoint-3 is incomplete or corrupt"):
+        resume_from_checkpoint(accelerator, str(tmp_path), str(tmp_path / "checkpoint-3"))
+    latest.unlink()  # nothing readable at all: a clear error
+    (tmp_path / "checkpoint-1" / "trainable_0.safetensors").unlink()
+    with pytest.raises(ValueError, match="No checkpoint in .* can be resumed from"):
+        resume_from_checkpoint(accelerator, str(tmp_path), "latest")
+
+
+def test_old_checkpoints_are_hidden_before_they_are_deleted(tmp_path, monkeypatch):
+    import shutil
+
+    from diffusers_onestep.training_utils import loop
+
+    accelerator, model = _checkpointed_model(tmp_path)
+    save_checkpoint(accelerator, str(tmp_path), 1, params=list(model.parameters()))
+    deleted = []
+    real_rmtree = shutil.rmtree
+
+    def dying_rmtree(path, *args, **kwargs):
+        if str(path).endswith(".trash") and os.path.exists(path):
+            deleted.append(os.path.basename(path))
+            raise KeyboardInterrupt  # killed while deleting the old checkpoint
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(loop.shutil, "rmtree", dying_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(accelerator, str(tmp_path), 2, total_limit=1, params=list(model.parameters()))
+    monkeypatch.setattr(loop.shutil, "rmtree", real_rmtree)
+    assert deleted == [".checkpoint-1.trash"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["checkpoint-2"]
+    assert resume_from_checkpoint(accelerator, str(tmp_path), "latest") == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]  # the leftover trash is cleaned up
+
+
+def test_nan_guard_bounds_skips_per_window_and_absurd_weights_are_refused():
+    from diffusers_onestep.training_utils import NaNGuard, check_weights
+
+    guard = NaNGuard("skip", max_skips=2, window=5)
+    for step in (0, 0, 1, 6, 7):  # step 0 counted once; 0 and 1 have left the window by step 7
+        guard.skip(step, "bad")
+    with pytest.raises(NonFiniteError, match="3 of the last 5 optimizer steps were skipped"):
+        guard.skip(8, "bad")
+    with pytest.raises(NonFiniteError, match="--nan_policy skip"):
+        NaNGuard("raise").skip(0, "bad")
+    check_weights(None, [torch.full((2,), 6e4)], "x")  # large but representable in float16: kept
+    with pytest.raises(NonFiniteError, match="exceed float16's range"):
+        check_weights(None, [torch.ones(2), torch.tensor([1e28])], "the final model")
+    with pytest.raises(NonFiniteError, match="NaN or inf"):
+        check_weights(None, [torch.tensor([float("inf")])], "checkpoint-3")
+
+
+def test_prompt_sources_dataset_name_and_train_data_dir(tmp_path):
+    import datasets
+
+    from diffusers_onestep.training_utils import load_training_prompts
+
+    datasets.Dataset.from_dict({"caption": ["u", "v"]}).save_to_disk(str(tmp_path / "ds"))
+    args = TrainingArguments(dataset_name=str(tmp_path / "ds"))
+    assert load_training_prompts(args) == ["u", "v"]
+    folder = tmp_path / "images" / "train"
+    folder.mkdir(parents=True)
+    (folder / "metadata.csv").write_text("file_name,text\n0.png,a cat\n1.png,a dog\n")
+    assert load_training_prompts(TrainingArguments(train_data_dir=str(tmp_path / "images"))) == ["a cat", "a dog"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="--train_data_dir.*metadata.jsonl"):
+        load_training_prompts(TrainingArguments(train_data_dir=str(tmp_path / "empty")))
+
+
+def test_model_card_writes_n_a_for_non_finite_metrics_and_picks_the_device_at_runtime(tmp_path, tiny_teacher_dir):
+    from diffusers_onestep import ConsistencyStudentScheduler, OneStepPipeline
+    from diffusers_onestep.training_utils import save_model_card
+
+    pipe = OneStepPipeline.from_teacher(tiny_teacher_dir, unet=os.path.join(tiny_teacher_dir, "unet"))
+    pipe.scheduler = ConsistencyStudentScheduler.from_config(pipe.scheduler.config, t_init=999)
+    pipe.save_pretrained(tmp_path)
+    card = save_model_card(
+        str(tmp_path), base_model="org/teacher", method_name="m", paper="p", script="s.py", command="c",
+        metrics={"loss": float("nan"), "other": float("inf"), "ok": 0.5}, hyperparameters={"lr": float("nan")},
+        t_init=999, input_type="noise", repo_id=str(tmp_path), secrets=["c"],
+    )  # fmt: skip
+    text = (tmp_path / "README.md").read_text()
+    assert "| loss | n/a |" in text and "| other | n/a |" in text and "| ok | 0.5 |" in text and "| lr | n/a |" in text
+    assert '.to("cuda")' not in text and "torch.cuda.is_available()" in text
+    assert not (tmp_path / ".README.md.partial").exists() and card.data.base_model == "org/teacher"
+    # the card's usage snippet runs as written (here on CPU, from the local directory as its repo id)
+    snippet = text.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace = {}
+    exec(compile(snippet, "model_card_snippet", "exec"), namespace)
+    assert namespace["device"] in ("cpu", "cuda", "mps") and namespace["image"].size == (16, 16)

@@ -7,7 +7,6 @@ import itertools
 import math
 import os
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,8 +20,7 @@ from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.utils import USE_PEFT_BACKEND, BaseOutput, logging, scale_lora_layers, unscale_lora_layers
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ..attention.nasa import check_nasa_scale, nasa_attention
-from ..models.denoiser import classifier_free_guidance
+from ..attention.nasa import check_nasa_scale
 from ..schedulers.scheduling_consistency_student import ConsistencyStudentScheduler
 from .loading import OneStepLoadingMixin, check_safetensors_only, load_pipeline, read_student_config
 from .pipeline_utils import (
@@ -534,9 +532,6 @@ class OneStepPipeline(
         prompt_embeds = repeat_embeddings(prompt_embeds, num_images_per_prompt)
         if needs_negative:
             negative_prompt_embeds = repeat_embeddings(negative_prompt_embeds, num_images_per_prompt)
-        use_nasa = has_negative and not self.do_classifier_free_guidance and nasa_scale > 0
-        if self.do_classifier_free_guidance:  # as StableDiffusionPipeline holds them (what CFG callbacks slice)
-            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
 
         # 3. Timesteps, the way diffusers' `retrieve_timesteps` sets them
         timesteps, num_inference_steps = self.retrieve_timesteps(num_inference_steps, device, timesteps)
@@ -547,39 +542,15 @@ class OneStepPipeline(
             batch_size * num_images_per_prompt, self.unet.config.in_channels, height, width, prompt_embeds.dtype,
             device, generator, latents,
         )  # fmt: skip
-        extra_step_kwargs = self.prepare_extra_step_kwargs(generator)
 
-        # 5. Student steps: UNet at the conditioning timestep, x0, re-noise if more steps
-        nasa = nasa_attention(self.unet, negative_prompt_embeds, nasa_scale) if use_nasa else nullcontext()
-        progress = self.progress_bar(total=len(timesteps)) if len(timesteps) > 1 else nullcontext()
-        denoised, nfe = latents, 0
-        with nasa, progress:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                cfg = self.do_classifier_free_guidance and prompt_embeds.shape[0] == 2 * latents.shape[0]
-                model_input = torch.cat([latents] * 2) if cfg else latents
-                model_input = self.scheduler.scale_model_input(model_input, t)
-                model_output = self.unet(
-                    model_input, t, encoder_hidden_states=prompt_embeds,
-                    cross_attention_kwargs=cross_attention_kwargs, return_dict=False,
-                )[0]  # fmt: skip
-                nfe += 2 if cfg else 1
-                if cfg:
-                    uncond, cond = model_output.chunk(2)
-                    model_output = classifier_free_guidance(uncond, cond, self.guidance_scale)
-                latents, denoised = self.scheduler_step(model_output, t, latents, extra_step_kwargs)
-
-                if callback_on_step_end is not None:
-                    tensors = self.run_callback(
-                        callback_on_step_end, i, t, tensor_inputs,
-                        {"latents": latents, "denoised": denoised, "prompt_embeds": prompt_embeds,
-                         "negative_prompt_embeds": negative_prompt_embeds},
-                    )  # fmt: skip
-                    latents, denoised = tensors["latents"], tensors["denoised"]
-                    prompt_embeds, negative_prompt_embeds = tensors["prompt_embeds"], tensors["negative_prompt_embeds"]
-                if len(timesteps) > 1:
-                    progress.update()
+        # 5. Student steps: the network at the conditioning timestep, x0, re-noise if more steps
+        negative = None if negative_prompt_embeds is None else {"encoder_hidden_states": negative_prompt_embeds}
+        latents, nfe = self.denoising_loop(
+            latents=latents, timesteps=timesteps, cond={"encoder_hidden_states": prompt_embeds}, negative=negative,
+            nasa_scale=nasa_scale if has_negative else 0, generator=generator,
+            cross_attention_kwargs=cross_attention_kwargs, callback_on_step_end=callback_on_step_end,
+            tensor_inputs=tensor_inputs,
+        )  # fmt: skip
 
         # 6. Decode (after the last step our scheduler returns latents == denoised: the clean x0)
         image = self.postprocess_latents(latents, output_type)

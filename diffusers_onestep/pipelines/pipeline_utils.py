@@ -12,12 +12,17 @@ import inspect
 import itertools
 import os
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
+
+from ..attention.nasa import nasa_attention
+from ..models.backbones import BACKBONES, BackboneAdapter, cat_conditioning
+from ..models.denoiser import classifier_free_guidance
 
 
 __all__ = [
@@ -231,6 +236,9 @@ class OneStepPipelineMixin:
     `prepare_extra_step_kwargs` make them, so any compatible diffusers scheduler runs.
     """
 
+    backbone: BackboneAdapter = BACKBONES["sd"]
+    # callback tensor name -> key of the conditioning dict (diffusers' names for what its pipelines hold)
+    _callback_conditioning = {"prompt_embeds": "encoder_hidden_states"}
     _guidance_scale: float = 1.0
     _num_timesteps: int = 0
     _cross_attention_kwargs: dict | None = None
@@ -354,3 +362,73 @@ class OneStepPipelineMixin:
             return tensors
         outputs = callback_on_step_end(self, i, t, {k: tensors[k] for k in tensor_inputs}) or {}
         return {**tensors, **{k: v for k, v in outputs.items() if k in tensors}}
+
+
+    # ---------------------------------------------------------------- the sampling loop
+
+    @property
+    def denoiser_network(self) -> torch.nn.Module:
+        r"""The denoising network: `self.unet` or `self.transformer`, per the backbone."""
+        return getattr(self, self.backbone.network_attribute)
+
+    def nasa_context(self, negative: dict | None, nasa_scale):
+        r"""NASA on the network's cross-attention for the block, with the negative as those layers see it."""
+        if negative is None:
+            return nullcontext()
+        network = self.denoiser_network
+        features, mask = self.backbone.nasa_negative(network, negative)
+        return nasa_attention(network, features, nasa_scale, negative_attention_mask=mask)
+
+    def denoising_loop(
+        self,
+        *,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: dict,
+        negative: dict | None,
+        nasa_scale,
+        generator,
+        cross_attention_kwargs: dict | None,
+        callback_on_step_end,
+        tensor_inputs: list[str],
+    ) -> tuple[torch.Tensor, int]:
+        r"""
+        Runs the scheduler over `timesteps` with the backbone's network and returns `(latents, nfe)`.
+
+        `negative` is the negative (or, under CFG without one, the empty-prompt) conditioning: under output-space CFG
+        (`do_classifier_free_guidance`, re-read every step so a callback can switch it off) it is the unconditional
+        branch, batched before `cond` as `StableDiffusionPipeline` batches them; otherwise it reaches the
+        cross-attention through NASA when `nasa_scale > 0`. `nfe` counts the network evaluations per image.
+        """
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator)
+        network = self.denoiser_network
+        use_cfg = self.do_classifier_free_guidance
+        use_nasa = negative is not None and not use_cfg and torch.as_tensor(nasa_scale).abs().sum() > 0
+        if use_cfg:
+            cond = cat_conditioning(negative, cond)
+        nasa = self.nasa_context(negative, nasa_scale) if use_nasa else nullcontext()
+        progress = self.progress_bar(total=len(timesteps)) if len(timesteps) > 1 else nullcontext()
+        denoised, nfe = latents, 0
+        with nasa, progress:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                cfg = self.do_classifier_free_guidance and cond["encoder_hidden_states"].shape[0] == 2 * len(latents)
+                model_input = self.scheduler.scale_model_input(torch.cat([latents] * 2) if cfg else latents, t)
+                model_output = self.backbone(network, model_input, t, cond, cross_attention_kwargs)
+                nfe += 2 if cfg else 1
+                if cfg:
+                    uncond_output, cond_output = model_output.chunk(2)
+                    model_output = classifier_free_guidance(uncond_output, cond_output, self.guidance_scale)
+                latents, denoised = self.scheduler_step(model_output, t, latents, extra_step_kwargs)
+
+                if callback_on_step_end is not None:
+                    names = self._callback_conditioning
+                    tensors = {"latents": latents, "denoised": denoised, **{n: cond[k] for n, k in names.items()},
+                               "negative_prompt_embeds": None if negative is None else negative["encoder_hidden_states"]}
+                    tensors = self.run_callback(callback_on_step_end, i, t, tensor_inputs, tensors)  # fmt: skip
+                    latents, denoised = tensors["latents"], tensors["denoised"]
+                    cond = {**cond, **{k: tensors[n] for n, k in names.items()}}
+                if len(timesteps) > 1:
+                    progress.update()
+        return latents, nfe

@@ -1,4 +1,5 @@
 import copy
+import glob
 import importlib.util
 import json
 import math
@@ -10,6 +11,7 @@ import torch
 from diffusers import LCMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from peft import LoraConfig
 
+from diffusers_onestep.pipelines.calibration import OracleCalibration
 from diffusers_onestep.pipelines.oracles import CallableOracle
 from diffusers_onestep.pipelines.pipeline_adaptive_collab import AdaptiveCollabPipeline
 from diffusers_onestep.pipelines.pipeline_onestep import OneStepPipeline
@@ -50,14 +52,8 @@ def make_pipeline(oracle=brightness, student="onestep"):
     return pipe
 
 
-def teacher_modules(pipe, **overrides):
-    modules = {name: getattr(pipe, name) for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
-    return {**modules, **overrides}
-
-
 def sd_pipeline(pipeline_class, pipe):
-    teacher = pipeline_class(**teacher_modules(pipe), safety_checker=None, feature_extractor=None,
-                             requires_safety_checker=False)  # fmt: skip
+    teacher = pipeline_class(**pipe.teacher.components, requires_safety_checker=False)
     teacher.set_progress_bar_config(disable=True)
     return teacher
 
@@ -172,9 +168,10 @@ def test_calibration_percentiles_and_save_load_round_trip(tmp_path):
     pipe = make_pipeline()
     scores = pipe.calibrate(PROMPTS + ["a dog", "seven"], batch_size=4, generator=torch.Generator().manual_seed(0))
     assert scores.shape == (6,)
-    percentiles = np.array(pipe.calibration["percentiles"])
+    assert isinstance(pipe.calibration, OracleCalibration)
+    percentiles = np.array(pipe.calibration.percentiles)
     np.testing.assert_allclose(percentiles, np.percentile(scores.double().numpy(), np.arange(101)))
-    assert pipe.calibration["num_samples"] == 6 and pipe.calibration["oracle"] == "CallableOracle"
+    assert pipe.calibration.num_samples == 6 and pipe.calibration.oracle == "CallableOracle"
     assert pipe.get_threshold(30) == percentiles[30]
     assert pipe.get_threshold(12.5) == pytest.approx((percentiles[12] + percentiles[13]) / 2)
     assert call(pipe).threshold == percentiles[50]  # 50 by default once calibrated
@@ -182,14 +179,20 @@ def test_calibration_percentiles_and_save_load_round_trip(tmp_path):
     assert expected.threshold == percentiles[30]
 
     pipe.save_pretrained(tmp_path)
-    with open(tmp_path / "calibration.json") as file:
-        assert json.load(file) == pipe.calibration
-    # modules shared with the student are stored once, in student/
-    assert not (tmp_path / "vae").exists() and (tmp_path / "student" / "vae").is_dir() and (tmp_path / "unet").is_dir()
+    with open(tmp_path / "calibration.json") as file:  # the format of calibration.json
+        assert json.load(file) == {"percentiles": list(percentiles), "num_samples": 6, "oracle": "CallableOracle"}
+    # student/ and teacher/ are each pipeline's own folder; modules shared with the student are stored once, in student/
+    shared = ["text_encoder", "tokenizer", "vae"]
+    assert AdaptiveCollabPipeline.load_config(tmp_path)["_shared_with_student"] == shared
+    assert all((tmp_path / "student" / name).is_dir() and not (tmp_path / "teacher" / name).exists() for name in shared)
+    assert (tmp_path / "teacher" / "unet").is_dir() and (tmp_path / "teacher" / "model_index.json").is_file()
+    assert glob.glob(str(tmp_path / "**" / "*.safetensors"), recursive=True)
+    assert not glob.glob(str(tmp_path / "**" / "*.bin"), recursive=True)
     reloaded = AdaptiveCollabPipeline.from_pretrained(tmp_path, oracle=pipe.oracle)
     reloaded.set_progress_bar_config(disable=True)
     assert reloaded.calibration == pipe.calibration
-    assert reloaded.student.vae is reloaded.vae and reloaded.student.text_encoder is reloaded.text_encoder
+    assert all(getattr(reloaded.teacher, name) is getattr(reloaded.student, name) for name in shared)
+    assert type(reloaded.teacher) is StableDiffusionPipeline
     assert isinstance(reloaded.student, OneStepPipeline)
     assert isinstance(reloaded.student.scheduler, ConsistencyStudentScheduler)
     out = call(reloaded, percentile=30)
@@ -214,7 +217,7 @@ def test_diffusers_lcm_student_and_its_nfe(tmp_path):
     pipe.save_pretrained(tmp_path)
     reloaded = AdaptiveCollabPipeline.from_pretrained(tmp_path, oracle=pipe.oracle)
     reloaded.set_progress_bar_config(disable=True)
-    assert type(reloaded.student) is StableDiffusionPipeline and reloaded.student.vae is reloaded.vae
+    assert type(reloaded.student) is StableDiffusionPipeline and reloaded.student.vae is reloaded.teacher.vae
     again = call(reloaded, threshold=0.5, student_steps=2, student_kwargs=student_kwargs)
     np.testing.assert_allclose(again.images, out.images, atol=1e-6)
 
@@ -229,7 +232,8 @@ def test_lora_student_on_the_teacher_unet_refines_with_the_base_weights():
     student = OneStepPipeline.from_teacher(teacher, unet=teacher.unet)
     oracle = CallableOracle(likes_cats)
     shared = AdaptiveCollabPipeline.from_pipelines(student, teacher, oracle=oracle)
-    separate = AdaptiveCollabPipeline(student=student, oracle=oracle, **teacher_modules(shared, unet=base))
+    separate = AdaptiveCollabPipeline(student=student, teacher=StableDiffusionPipeline.from_pipe(teacher, unet=base),
+                                      oracle=oracle)  # fmt: skip
     for pipe in (shared, separate):
         pipe.set_progress_bar_config(disable=True)
     before = student_alone(shared)
@@ -254,17 +258,21 @@ def test_lora_student_on_the_teacher_unet_refines_with_the_base_weights():
         ({"threshold": 0.5, "strategy": "upscale"}, r"`strategy` must be one of \('refine', 'regenerate'\)"),
         ({"threshold": 0.5, "teacher_guidance_scale": 0.5}, "`teacher_guidance_scale` must be a finite number >= 1"),
         ({"threshold": 0.5, "output_type": "jpg"}, "`output_type` must be one of"),
-        ({"threshold": 0.5, "negative_prompt": ["cat"]}, "`negative_prompt` has 1 entries but `prompt` has 4"),
-        ({"threshold": 0.5, "generator": generators(2)}, "`generator` is a list of 2; expected 4"),
+        ({"threshold": 0.5, "negative_prompt": ["cat"]}, "`negative_prompt` has batch size 1 but `prompt` has 4"),
+        ({"threshold": 0.5, "generator": generators(2)}, "`generator` is a list of 2 generators; expected 4"),
         ({"threshold": 0.5, "student_kwargs": {"latents": None}}, r"`student_kwargs` must not set \['latents'\]"),
         ({"threshold": 0.5, "teacher_kwargs": {"strength": 0.3}}, r"`teacher_kwargs` must not set \['strength'\]"),
         ({"threshold": 0.5, "student_steps": 0}, "`student_steps` must be an integer >= 1"),
+        ({"threshold": 0.5, "num_images_per_prompt": 0}, "`num_images_per_prompt` must be an integer >= 1"),
+        ({"threshold": 0.5, "height": 15}, "`height` must be a positive multiple of 2, got 15"),  # the VAE's factor
+        ({"threshold": 0.5, "latents": torch.zeros(4, 4, 4, 4)}, r"`latents` has shape \(4, 4, 4, 4\); expected"),
+        ({"threshold": 0.5, "student_kwargs": 3}, "`student_kwargs` must be a dict"),
     ],
 )
 def test_validation_errors_come_before_any_work(kwargs, match):
     pipe = make_pipeline()
     evaluations = []
-    for unet in (pipe.unet, pipe.student.unet):
+    for unet in (pipe.teacher.unet, pipe.student.unet):
         unet.register_forward_pre_hook(lambda *args: evaluations.append(1))
     with pytest.raises(ValueError, match=match):
         pipe(PROMPTS, **kwargs)
@@ -281,10 +289,50 @@ def test_other_errors():
     with pytest.raises(ValueError, match="no oracle"):
         pipe.calibrate(PROMPTS)
     with pytest.raises(ValueError, match="`student` must be a diffusers text-to-image pipeline"):
-        AdaptiveCollabPipeline(student=None, **teacher_modules(pipe))
+        AdaptiveCollabPipeline(student=None, teacher=pipe.teacher)
+    with pytest.raises(ValueError, match="`teacher` must be a diffusers text-to-image pipeline"):
+        AdaptiveCollabPipeline(student=pipe.student, teacher=pipe.teacher.unet)
     pipe.oracle = CallableOracle(lambda images, prompts: torch.zeros(len(prompts) + 1))
     with pytest.raises(ValueError, match="one score per image"):
         pipe(PROMPTS, threshold=0.5)
+
+
+def test_image_size_follows_the_vae_factor():
+    pipe = make_pipeline(oracle=likes_cats)
+    assert pipe.vae_scale_factor == 2  # the tiny VAE has two levels: sizes need not be multiples of 8
+    out = call(pipe, threshold=0.5, height=12, width=20)
+    assert out.images.shape == (4, 12, 20, 3) and out.refined.tolist() == [False, True, True, True]
+
+
+def test_oracle_calibration_percentiles_thresholds_save_load(tmp_path):
+    scores = torch.tensor([3.0, float("nan"), 1.0, 2.0, float("inf")])
+    calibration = OracleCalibration.from_scores(scores, oracle="CallableOracle")  # non-finite scores are left out
+    assert calibration.num_samples == 3 and calibration.percentiles[0] == 1.0 and calibration.percentiles[100] == 3.0
+    assert calibration.threshold(50) == 2.0 and calibration.threshold(25) == 1.5 and calibration.threshold(12.5) == 1.25
+    assert calibration.threshold(0) == -math.inf and calibration.threshold(100) == math.inf
+    assert calibration["percentiles"] == calibration.percentiles  # reads like calibration.json
+    assert OracleCalibration.load(tmp_path) is None
+    calibration.save(tmp_path)
+    assert OracleCalibration.load(tmp_path) == calibration
+    with pytest.raises(ValueError, match=r"`percentile` must be a number in \[0, 100\]"):
+        calibration.threshold(101)
+    with pytest.raises(ValueError, match="no finite score"):
+        OracleCalibration.from_scores(torch.tensor([float("nan")]))
+    with pytest.raises(ValueError, match="101 finite numbers"):
+        OracleCalibration(percentiles=[0.0] * 100, num_samples=1)
+
+
+def test_from_pretrained_refuses_what_it_cannot_load(tmp_path):
+    pipe = make_pipeline()
+    pipe.student.save_pretrained(tmp_path / "onestep")
+    with pytest.raises(ValueError, match="is not an `AdaptiveCollabPipeline` directory"):
+        AdaptiveCollabPipeline.from_pretrained(tmp_path / "onestep")
+    with pytest.raises(ValueError, match=r"unknown arguments \['vae'\]"):
+        AdaptiveCollabPipeline.from_pretrained(tmp_path / "onestep", vae=pipe.teacher.vae)
+    with pytest.raises(ValueError, match="`use_safetensors` must be True"):
+        AdaptiveCollabPipeline.from_pretrained(tmp_path / "onestep", use_safetensors=False)
+    with pytest.raises(ValueError, match="`safe_serialization` must be True"):
+        pipe.save_pretrained(tmp_path / "pickled", safe_serialization=False)
 
 
 def test_example_runs_offline(tmp_path):

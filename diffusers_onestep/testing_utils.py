@@ -10,15 +10,32 @@ import os
 from collections.abc import Iterable
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    PixArtTransformer2DModel,
+    UNet2DConditionModel,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 
 __all__ = [
     "DEFAULT_WORDS",
     "build_clip_tokenizer",
+    "build_t5_tokenizer",
     "get_dummy_components",
+    "get_dummy_pixart_components",
+    "get_dummy_sdxl_components",
     "get_dummy_teacher_components",
 ]
 
@@ -132,3 +149,93 @@ def get_dummy_teacher_components(seed: int = 0, **kwargs) -> dict:
     components = get_dummy_components(seed=seed, **kwargs)
     components.update(safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False)
     return components
+
+
+def _tiny_vae(seed: int, sample_size: int, latent_channels: int = 4) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(4, 8),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=latent_channels,
+        norm_num_groups=2,
+        sample_size=sample_size,
+    )
+
+
+def _tiny_clip_config(hidden_size: int, projection_dim: int | None = None) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=hidden_size, intermediate_size=37,
+        layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=2, vocab_size=1100, max_position_embeddings=16,
+        hidden_act="gelu", **({"projection_dim": projection_dim} if projection_dim else {}),
+    )  # fmt: skip
+
+
+def get_dummy_sdxl_components(seed: int = 0, sample_size: int = 16) -> dict:
+    r"""
+    The components of a tiny `StableDiffusionXLPipeline` after diffusers' SDXL fast tests: two CLIP text encoders of
+    width 16 (the second with a 16-wide projection), a UNet with `addition_embed_type="text_time"` whose
+    `cross_attention_dim` is their concatenated width (32), the shared tiny VAE, two byte-level tokenizers.
+    """
+    time_embed_dim, text_dim = 8, 16
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(4, 8), layers_per_block=1, sample_size=sample_size // 2, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 2), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim, transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=6 * time_embed_dim + text_dim, cross_attention_dim=2 * text_dim,
+        norm_num_groups=2,
+    )  # fmt: skip
+    vae = _tiny_vae(seed, sample_size)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_tiny_clip_config(text_dim)).eval()
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config(text_dim, projection_dim=text_dim)).eval()
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              steps_offset=1)  # fmt: skip
+    return {
+        "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2, "tokenizer": build_clip_tokenizer(),
+        "tokenizer_2": build_clip_tokenizer(), "unet": unet, "scheduler": scheduler,
+    }  # fmt: skip
+
+
+def build_t5_tokenizer(
+    words: Iterable[str] = DEFAULT_WORDS, model_max_length: int = 16, save_directory: str | os.PathLike | None = None
+) -> T5Tokenizer:
+    r"""
+    A unigram `T5Tokenizer` written in code: one piece per word in `words` (`▁word`) plus every lower-case letter and
+    digit, so any text tokenizes. `<pad>` = 0, `</s>` = 1, `<unk>` = 2, as in T5.
+    """
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w.lower(), -1.0) for w in dict.fromkeys(words)]
+    pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789\u2581"]
+    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+    if save_directory is not None:
+        tokenizer.save_pretrained(save_directory)
+    return tokenizer
+
+
+def get_dummy_pixart_components(seed: int = 0, sample_size: int = 16, learned_sigma: bool = True) -> dict:
+    r"""
+    The components of a tiny `PixArtAlphaPipeline` after diffusers' PixArt fast tests: a 2-layer
+    `PixArtTransformer2DModel` (patch 2, `caption_channels=32`, learned sigma: `out_channels = 2 x in_channels`), a
+    tiny T5 encoder of width 32, the local unigram T5 tokenizer, the shared tiny VAE and a DPM-Solver++ scheduler.
+    """
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(
+        sample_size=sample_size // 2, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
+        caption_channels=32, in_channels=4, cross_attention_dim=24, out_channels=8 if learned_sigma else 4,
+        attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6,
+    )  # fmt: skip
+    vae = _tiny_vae(seed, sample_size)
+    torch.manual_seed(seed)
+    text_encoder = T5EncoderModel(
+        T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, pad_token_id=0,
+                 eos_token_id=1, decoder_start_token_id=0)  # fmt: skip
+    ).eval()
+    scheduler = DPMSolverMultistepScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
+    return {"tokenizer": build_t5_tokenizer(), "text_encoder": text_encoder, "vae": vae, "transformer": transformer,
+            "scheduler": scheduler}  # fmt: skip

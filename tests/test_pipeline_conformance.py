@@ -147,7 +147,7 @@ def test_adaptive_pipeline_refines_with_the_unaltered_teacher(tmp_path, tiny_tea
     pipe = AdaptiveCollabPipeline.from_pipelines(student, teacher, oracle=oracle)
     pipe.set_progress_bar_config(disable=True)
     pipe("a photo of a cat", threshold=1.0, teacher_steps=2, generator=torch.Generator().manual_seed(0))
-    assert pipe.unet is teacher.unet and pipe.student.unet is not teacher.unet
+    assert pipe.teacher.unet is teacher.unet and pipe.student.unet is not teacher.unet
     np.testing.assert_array_equal(teacher_images(teacher), before)
 
 

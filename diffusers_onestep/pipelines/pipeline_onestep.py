@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,12 +24,6 @@ from ..schedulers.scheduling_consistency_student import ConsistencyStudentSchedu
 from .loading import OneStepLoadingMixin, check_safetensors_only, load_pipeline, read_student_config
 from .pipeline_utils import (
     OneStepPipelineMixin,
-    check_fits_in_memory,
-    check_generator,
-    check_image_size,
-    check_latents,
-    check_num_images_per_prompt,
-    check_output_type,
     check_prompts,
 )
 from .text_encoding import encode_prompt, repeat_embeddings
@@ -376,45 +369,12 @@ class OneStepPipeline(
             raise ValueError(
                 "This pipeline has no `text_encoder`: pass `prompt_embeds` / `negative_prompt_embeds` instead of text."
             )
-        if nasa_scale is not None:
-            check_nasa_scale(nasa_scale)
-        if not (
-            isinstance(guidance_scale, (int, float))
-            and not isinstance(guidance_scale, bool)
-            and math.isfinite(guidance_scale)
-            and guidance_scale >= 0
-        ):
-            raise ValueError(
-                f"`guidance_scale` must be a finite number >= 0 (CFG runs only above 1; 0 and 1 mean none), got "
-                f"{guidance_scale}."
-            )
-        if guidance_scale > 1 and nasa_scale_given and nasa_scale > 0:
-            raise ValueError(
-                "`guidance_scale` > 1 uses the negative prompt as CFG's unconditional branch; NASA cannot run in the "
-                "same call: set `nasa_scale=0` or `guidance_scale<=1`."
-            )
-        if timesteps is None and (
-            not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1
-        ):
-            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps}.")
-        if timesteps is not None:
-            num_train = self.scheduler.config.num_train_timesteps
-            steps = [int(t) for t in timesteps]
-            if not steps or any(t < 0 or t >= num_train for t in steps):
-                raise ValueError(f"`timesteps` must be a non-empty list of integers in [0, {num_train}), got {steps}.")
-            if any(a <= b for a, b in zip(steps, steps[1:])):
-                raise ValueError(f"`timesteps` must be strictly descending, got {steps}.")
-        check_image_size(height=height, width=width, vae_scale_factor=self.vae_scale_factor)
-        check_num_images_per_prompt(num_images_per_prompt)
-        total = batch_size * num_images_per_prompt
-        check_generator(generator, total=total)
-        check_latents(latents, total=total)
-        check_output_type(output_type)
-        self.check_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
-        size = self.unet.config.sample_size * self.vae_scale_factor
-        check_fits_in_memory(
-            total=total, height=height or size, width=width or size, channels=self.vae.config.out_channels,
-            device=self._execution_device, num_images_per_prompt=num_images_per_prompt,
+        self.check_generation_inputs(
+            batch_size=batch_size, nasa_scale=nasa_scale, nasa_scale_given=nasa_scale_given,
+            guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, timesteps=timesteps, height=height,
+            width=width, num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents,
+            output_type=output_type, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )  # fmt: skip
         return batch_size
 
@@ -513,13 +473,8 @@ class OneStepPipeline(
             output_type=output_type, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=tensor_inputs,
         )  # fmt: skip
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        height, width = self.begin_call(height, width, guidance_scale, cross_attention_kwargs, clip_skip)
         device = self._execution_device
-        self._guidance_scale = guidance_scale
-        self._cross_attention_kwargs = cross_attention_kwargs
-        self._clip_skip = clip_skip
-        self._interrupt = False
         lora_scale = (cross_attention_kwargs or {}).get("scale")
 
         # 2. Encode the prompts: positive, negative (for NASA or CFG) or empty (CFG without a negative)
@@ -533,28 +488,15 @@ class OneStepPipeline(
         if needs_negative:
             negative_prompt_embeds = repeat_embeddings(negative_prompt_embeds, num_images_per_prompt)
 
-        # 3. Timesteps, the way diffusers' `retrieve_timesteps` sets them
-        timesteps, num_inference_steps = self.retrieve_timesteps(num_inference_steps, device, timesteps)
-        self._num_timesteps = len(timesteps)
-
-        # 4. Initial noise z
-        latents = self.prepare_latents(
-            batch_size * num_images_per_prompt, self.unet.config.in_channels, height, width, prompt_embeds.dtype,
-            device, generator, latents,
-        )  # fmt: skip
-
-        # 5. Student steps: the network at the conditioning timestep, x0, re-noise if more steps
+        # 3.-6. Timesteps, initial noise z, the student steps (CFG / NASA / callbacks), decode
         negative = None if negative_prompt_embeds is None else {"encoder_hidden_states": negative_prompt_embeds}
-        latents, nfe = self.denoising_loop(
-            latents=latents, timesteps=timesteps, cond={"encoder_hidden_states": prompt_embeds}, negative=negative,
-            nasa_scale=nasa_scale if has_negative else 0, generator=generator,
-            cross_attention_kwargs=cross_attention_kwargs, callback_on_step_end=callback_on_step_end,
-            tensor_inputs=tensor_inputs,
+        image, nfe = self.generate(
+            total=batch_size * num_images_per_prompt, height=height, width=width, dtype=prompt_embeds.dtype,
+            device=device, num_inference_steps=num_inference_steps, timesteps=timesteps, generator=generator,
+            latents=latents, cond={"encoder_hidden_states": prompt_embeds}, negative=negative,
+            nasa_scale=nasa_scale if has_negative else 0, cross_attention_kwargs=cross_attention_kwargs,
+            callback_on_step_end=callback_on_step_end, tensor_inputs=tensor_inputs, output_type=output_type,
         )  # fmt: skip
-
-        # 6. Decode (after the last step our scheduler returns latents == denoised: the clean x0)
-        image = self.postprocess_latents(latents, output_type)
-        self.maybe_free_model_hooks()
 
         if not return_dict:
             return (image, nfe)

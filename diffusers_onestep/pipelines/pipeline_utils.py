@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import math
 import os
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -20,7 +21,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..attention.nasa import nasa_attention
+from ..attention.nasa import check_nasa_scale, nasa_attention
 from ..models.backbones import BACKBONES, BackboneAdapter, cat_conditioning
 from ..models.denoiser import classifier_free_guidance
 
@@ -291,6 +292,82 @@ class OneStepPipelineMixin:
             (d for d in devices if d.type not in ("cpu", "meta")), devices[0] if devices else torch.device("cpu")
         )
 
+    # ---------------------------------------------------------------- checks
+
+    def check_generation_inputs(
+        self,
+        *,
+        batch_size: int,
+        nasa_scale,
+        nasa_scale_given: bool,
+        guidance_scale,
+        num_inference_steps,
+        timesteps,
+        height,
+        width,
+        num_images_per_prompt,
+        generator,
+        latents,
+        output_type,
+        callback_on_step_end,
+        callback_on_step_end_tensor_inputs,
+    ) -> None:
+        r"""The checks every one-step pipeline makes after its prompt checks; raises before any work."""
+        if nasa_scale is not None:
+            check_nasa_scale(nasa_scale)
+        if not (
+            isinstance(guidance_scale, (int, float))
+            and not isinstance(guidance_scale, bool)
+            and math.isfinite(guidance_scale)
+            and guidance_scale >= 0
+        ):
+            raise ValueError(
+                f"`guidance_scale` must be a finite number >= 0 (CFG runs only above 1; 0 and 1 mean none), got "
+                f"{guidance_scale}."
+            )
+        if guidance_scale > 1 and nasa_scale_given and nasa_scale > 0:
+            raise ValueError(
+                "`guidance_scale` > 1 uses the negative prompt as CFG's unconditional branch; NASA cannot run in the "
+                "same call: set `nasa_scale=0` or `guidance_scale<=1`."
+            )
+        if timesteps is None and (
+            not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1
+        ):
+            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps}.")
+        if timesteps is not None:
+            num_train = self.scheduler.config.num_train_timesteps
+            steps = [int(t) for t in timesteps]
+            if not steps or any(t < 0 or t >= num_train for t in steps):
+                raise ValueError(f"`timesteps` must be a non-empty list of integers in [0, {num_train}), got {steps}.")
+            if any(a <= b for a, b in zip(steps, steps[1:])):
+                raise ValueError(f"`timesteps` must be strictly descending, got {steps}.")
+        check_image_size(height=height, width=width, vae_scale_factor=self.vae_scale_factor)
+        check_num_images_per_prompt(num_images_per_prompt)
+        total = batch_size * num_images_per_prompt
+        check_generator(generator, total=total)
+        check_latents(latents, total=total)
+        check_output_type(output_type)
+        self.check_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        size = self.default_sample_size * self.vae_scale_factor
+        check_fits_in_memory(
+            total=total, height=height or size, width=width or size, channels=self.vae.config.out_channels,
+            device=self._execution_device, num_images_per_prompt=num_images_per_prompt,
+        )  # fmt: skip
+
+    def begin_call(self, height, width, guidance_scale, cross_attention_kwargs=None, clip_skip=None) -> tuple[int, int]:
+        r"""Sets the per-call state the callbacks read and returns the image size (the network's default if unset)."""
+        self._guidance_scale = guidance_scale
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._clip_skip = clip_skip
+        self._interrupt = False
+        size = self.default_sample_size * self.vae_scale_factor
+        return height or size, width or size
+
+    @property
+    def default_sample_size(self) -> int:
+        r"""The network's latent sample size (the default image size is this times the VAE factor)."""
+        return self.denoiser_network.config.sample_size
+
     # ---------------------------------------------------------------- scheduler calls
 
     def retrieve_timesteps(self, num_inference_steps: int | None, device, timesteps: list[int] | None):
@@ -432,3 +509,40 @@ class OneStepPipelineMixin:
                 if len(timesteps) > 1:
                     progress.update()
         return latents, nfe
+
+    def generate(
+        self,
+        *,
+        total: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        num_inference_steps: int,
+        timesteps: list[int] | None,
+        generator,
+        latents: torch.Tensor | None,
+        cond: dict,
+        negative: dict | None,
+        nasa_scale,
+        cross_attention_kwargs: dict | None,
+        callback_on_step_end,
+        tensor_inputs: list[str],
+        output_type: str,
+    ):
+        r"""
+        Steps 3-6 of every one-step pipeline once the prompts are encoded: timesteps (as `retrieve_timesteps` sets
+        them), the initial noise, `denoising_loop`, decoding to `output_type`. Returns `(images, nfe)`.
+        """
+        timesteps, _ = self.retrieve_timesteps(num_inference_steps, device, timesteps)
+        self._num_timesteps = len(timesteps)
+        channels = self.denoiser_network.config.in_channels
+        latents = self.prepare_latents(total, channels, height, width, dtype, device, generator, latents)
+        latents, nfe = self.denoising_loop(
+            latents=latents, timesteps=timesteps, cond=cond, negative=negative, nasa_scale=nasa_scale,
+            generator=generator, cross_attention_kwargs=cross_attention_kwargs,
+            callback_on_step_end=callback_on_step_end, tensor_inputs=tensor_inputs,
+        )  # fmt: skip
+        image = self.postprocess_latents(latents, output_type)
+        self.maybe_free_model_hooks()
+        return image, nfe

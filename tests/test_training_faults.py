@@ -266,3 +266,29 @@ def test_unreachable_hub_fails_in_bounded_time_with_one_line_and_leaks_no_token(
     assert _tree_digest(out) == digest
     assert FAKE_TOKEN not in result.stdout + result.stderr
     assert _files_containing(tmp_path, FAKE_TOKEN) == []
+
+
+@pytest.mark.slow
+@cases
+def test_failed_accelerate_launch_prints_no_token_given_through_hf_token(case, tiny_teacher_dir, prompts_file, tmp_path):
+    """
+    `accelerate launch` prints the failed command (argv included) when a run fails; the child cannot prevent that, so
+    the token must come from HF_TOKEN / `hf auth login`, and `--hub_token` on the command line is warned about.
+    """
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes=1", "--num_machines=1"]
+    launch += ["--mixed_precision=no", "--dynamo_backend=no"]
+    # fails after argument parsing: 6 is not a multiple of the tiny teacher's 4
+    argv = case.argv(tiny_teacher_dir, prompts_file, tmp_path / "out", "--resolution=6", "--push_to_hub")
+    env = {**SUBPROCESS_ENV, "HF_TOKEN": FAKE_TOKEN}
+    result = subprocess.run([*launch, str(case.path), *argv], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode != 0 and "--resolution" in result.stderr
+    assert FAKE_TOKEN not in result.stdout + result.stderr and _files_containing(tmp_path, FAKE_TOKEN) == []
+
+    # the same failure with the token on the command line: accelerate's error report shows it (what the warning says)
+    result = subprocess.run(
+        [*launch, str(case.path), *argv, "--hub_token", FAKE_TOKEN], env=SUBPROCESS_ENV, cwd=tmp_path,
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert "`--hub_token` was given on the command line" in result.stderr and "accelerate launch" in result.stderr
+    assert FAKE_TOKEN in result.stderr  # accelerate's CalledProcessError lists the command
+    assert _files_containing(tmp_path, FAKE_TOKEN) == []  # but nothing on disk holds it

@@ -438,6 +438,13 @@ def validate_training_args(args: TrainingArguments) -> None:
     `TrainingArgumentError` naming the argument and the allowed values. Warns when `--hub_token` is given.
     """
     check_arguments(args)
+    if args.hub_token is not None:
+        logger.warning(
+            "`--hub_token` was given on the command line, where other users can read it (`ps`, shell history) and "
+            "where `accelerate launch` prints it if the run fails (it shows the failed command; `accelerate launch "
+            "--quiet` does not). Prefer `hf auth login` or the HF_TOKEN environment variable, which are used when "
+            "`--hub_token` is omitted."
+        )
     if not args.pretrained_teacher_model_name_or_path:
         raise TrainingArgumentError(
             "`--pretrained_teacher_model_name_or_path` (or `--pretrained_model_name_or_path`) is required: a diffusers "
@@ -473,13 +480,6 @@ def validate_training_args(args: TrainingArguments) -> None:
             f"`--resume_from_checkpoint` must be 'latest' or a checkpoint-N directory, got {args.resume_from_checkpoint!r}."
         )
     _check_local_teacher(args)
-    if args.hub_token is not None:
-        logger.warning(
-            "`--hub_token` was given on the command line, where other users can read it (`ps`, shell history) and "
-            "where `accelerate launch` prints it if the run fails (it shows the failed command; `accelerate launch "
-            "--quiet` does not). Prefer `hf auth login` or the HF_TOKEN environment variable, which are used when "
-            "`--hub_token` is omitted."
-        )
 
 
 def resolve_max_train_steps(args: TrainingArguments, num_prompts: int, num_processes: int = 1) -> int:

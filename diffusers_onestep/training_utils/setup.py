@@ -275,19 +275,24 @@ class AdapterView:
                             trainable.append(key)
             if len(seen) == len(adapters):
                 break
+        keep = [key for key in trainable if key != name]  # what the switch below would freeze
         for layer in layers:
             if name is None:
-                layer.enable_adapters(False)
+                layer.enable_adapters(False)  # freezes every adapter
             else:
-                layer.enable_adapters(True)
-                layer.set_adapter(name, inference_mode=True)
-            if trainable:
+                if layer.disable_adapters:
+                    layer.enable_adapters(True)
+                # `name` trainable as before, every other adapter frozen
+                layer.set_adapter(name, inference_mode=name not in trainable)
+            restore = trainable if name is None else keep
+            if restore:
                 if hasattr(layer, "set_requires_grad"):
-                    layer.set_requires_grad(trainable, requires_grad=True)
+                    layer.set_requires_grad(restore, requires_grad=True)
                 else:  # peft < 0.18
                     for attr in layer.adapter_layer_names:
                         for key, module in getattr(layer, attr).items():
-                            module.requires_grad_(key in trainable)
+                            if key in restore:
+                                module.requires_grad_(True)
 
     def __call__(self, *args, **kwargs):
         self.activate()

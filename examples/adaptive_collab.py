@@ -9,8 +9,8 @@
     python examples/adaptive_collab.py --tiny --output_dir /tmp/adaptive-tiny
 
 Calibrates the oracle's threshold on the student's samples, prints the refined share and the average NFE for the
-percentiles k in {0, 10, 30, 50, 70, 90, 100}, saves the images of k = 50, then saves the pipeline (with its
-`calibration.json`) and reloads it with the oracle, which is never saved.
+percentiles k in {0, 10, 30, 50, 70, 90, 100}, saves the images of k = 50, then saves the pipeline (`student/`,
+`teacher/`, `calibration.json`) and reloads it with the oracle, which is never saved.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 import diffusers_onestep  # noqa: F401  (registers the library's classes for diffusers)
+from diffusers_onestep.pipelines.loading import load_pipeline
 from diffusers_onestep.pipelines.oracles import CLIPScoreOracle
 from diffusers_onestep.pipelines.pipeline_adaptive_collab import AdaptiveCollabPipeline
 from diffusers_onestep.pipelines.pipeline_onestep import OneStepPipeline
@@ -58,9 +59,7 @@ def build_pipeline(
     teacher: str, student_unet: str | None, student_lora: str | None, clip: str, torch_dtype: torch.dtype
 ) -> AdaptiveCollabPipeline:
     r"""A teacher checkpoint, a one-step student sharing its VAE / text encoder / tokenizer, and a CLIP oracle."""
-    teacher_pipe = StableDiffusionPipeline.from_pretrained(
-        teacher, dtype=torch_dtype, safety_checker=None, use_safetensors=True
-    )
+    teacher_pipe = load_pipeline(teacher, "--teacher", dtype=torch_dtype)
     student = OneStepPipeline.from_teacher(teacher_pipe, unet=student_unet, lora=student_lora, dtype=torch_dtype)
     oracle = CLIPScoreOracle.from_pretrained(clip, torch_dtype=torch_dtype)
     return AdaptiveCollabPipeline.from_pipelines(student, teacher_pipe, oracle=oracle)
@@ -90,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.prompts:
         parser.error("pass --prompts")
 
-    # 1. The pipeline: student + teacher modules (shared, not copied) + oracle
+    # 1. The pipeline: student + teacher (modules shared, not copied) + oracle
     dtype = torch.float16 if args.device == "cuda" else torch.float32
     pipe = build_tiny_pipeline() if args.tiny else build_pipeline(
         args.teacher, args.student_unet, args.student_lora, args.clip, dtype
@@ -120,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
             for i, (image, refined) in enumerate(zip(out.images, out.refined.tolist())):
                 image.save(os.path.join(args.output_dir, f"{i:03d}_{'refined' if refined else 'kept'}.png"))
 
-    # 4. Save (components, student/, calibration.json) and reload with the oracle
+    # 4. Save (student/, teacher/ without the modules it shares with the student, calibration.json) and reload
     pipeline_dir = os.path.join(args.output_dir, "pipeline")
     pipe.save_pretrained(pipeline_dir)
     reloaded = AdaptiveCollabPipeline.from_pretrained(pipeline_dir, oracle=pipe.oracle, dtype=dtype)

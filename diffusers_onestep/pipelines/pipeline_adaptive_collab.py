@@ -152,6 +152,14 @@ def _is_real(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _check_extra_kwargs(extra, *, name: str, reserved: tuple[str, ...]) -> None:
+    if extra is not None and not isinstance(extra, dict):
+        raise ValueError(f"`{name}` must be a dict or None, got {type(extra)}.")
+    clash = sorted(set(extra or {}) & set(reserved))
+    if clash:
+        raise ValueError(f"`{name}` must not set {clash}: the pipeline sets {list(reserved)} itself.")
+
+
 def _check_pipeline(pipeline, name: str) -> None:
     if (
         not isinstance(pipeline, DiffusionPipeline)
@@ -713,11 +721,3 @@ class AdaptiveCollabPipeline(OneStepLoadingMixin, DiffusionPipeline):
             threshold=float(threshold),
         )  # fmt: skip
         return output if return_dict else output.to_tuple()
-
-
-def _check_extra_kwargs(extra, *, name: str, reserved: tuple[str, ...]) -> None:
-    if extra is not None and not isinstance(extra, dict):
-        raise ValueError(f"`{name}` must be a dict or None, got {type(extra)}.")
-    clash = sorted(set(extra or {}) & set(reserved))
-    if clash:
-        raise ValueError(f"`{name}` must not set {clash}: the pipeline sets {list(reserved)} itself.")

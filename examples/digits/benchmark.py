@@ -626,9 +626,9 @@ def run_table3(ctx: BenchmarkContext) -> dict:
     teacher = ctx.teacher
     ctx.progress(f"table 3: oracle, calibration on {name}")
     oracle = DigitsOracle(load_or_train_oracle(args.oracle_dir), batch_size=1000)
-    pipe = AdaptiveCollabPipeline(
-        student=ctx.students[name], vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer,
-        unet=teacher.unet, scheduler=DPMSolverMultistepScheduler.from_config(teacher.scheduler.config),
+    pipe = AdaptiveCollabPipeline.from_pipelines(
+        ctx.students[name],
+        type(teacher).from_pipe(teacher, scheduler=DPMSolverMultistepScheduler.from_config(teacher.scheduler.config)),
         oracle=oracle,
     )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)

@@ -16,16 +16,25 @@ percentiles k in {0, 10, 30, 50, 70, 90, 100}, saves the images of k = 50, then 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 import torch
-from diffusers import StableDiffusionPipeline
 
-import diffusers_onestep  # noqa: F401  (registers the library's classes for diffusers)
-from diffusers_onestep.pipelines.loading import load_pipeline
-from diffusers_onestep.pipelines.oracles import CLIPScoreOracle
-from diffusers_onestep.pipelines.pipeline_adaptive_collab import AdaptiveCollabPipeline
-from diffusers_onestep.pipelines.pipeline_onestep import OneStepPipeline
+
+# diffusers' pipeline modules import transformers' `CLIPImageProcessor` (and SigLIP's), which without torchvision falls
+# back to the PIL processor (the behaviour before transformers 5) and logs so on every run. Set before diffusers loads.
+logging.getLogger("transformers.utils.import_utils").addFilter(
+    lambda record: "requires torchvision (not installed)" not in record.getMessage()
+)
+
+from diffusers import StableDiffusionPipeline  # noqa: E402
+
+import diffusers_onestep  # noqa: F401, E402  (registers the library's classes for diffusers)
+from diffusers_onestep.pipelines.loading import load_pipeline  # noqa: E402
+from diffusers_onestep.pipelines.oracles import CLIPScoreOracle  # noqa: E402
+from diffusers_onestep.pipelines.pipeline_adaptive_collab import AdaptiveCollabPipeline  # noqa: E402
+from diffusers_onestep.pipelines.pipeline_onestep import OneStepPipeline  # noqa: E402
 
 
 __all__ = ["build_pipeline", "build_tiny_pipeline", "main"]

@@ -155,3 +155,25 @@ def test_evaluate_script(tiny_digits, tmp_path):
         "ddpm_2@2.0.png",
         "ddpm_2@2.0.pt",
     ]
+
+
+def test_image_grid_pixels_and_labels(tmp_path):
+    import evaluate
+    import numpy as np
+    from PIL import Image
+
+    images = torch.rand(6, 1, 8, 8)
+    evaluate.save_image_grid(images, tmp_path / "plain.png", nrow=3, scale=2)
+    plain = np.asarray(Image.open(tmp_path / "plain.png"))
+    assert plain.shape == (2 * (2 * 9 + 1), 2 * (3 * 9 + 1))
+    np.testing.assert_allclose(plain[2:18:2, 2:18:2] / 255, images[0, 0].numpy(), atol=1 / 255)
+
+    evaluate.save_image_grid(images, tmp_path / "labelled.png", nrow=3, scale=2, row_labels=["student", "teacher"],
+                             column_labels=["0", "1", "2"])  # fmt: skip
+    labelled = np.asarray(Image.open(tmp_path / "labelled.png"))
+    top, left = labelled.shape[0] - plain.shape[0], labelled.shape[1] - plain.shape[1]
+    assert top > 0 and left > 0
+    np.testing.assert_array_equal(labelled[top:, left:], plain)  # the grid itself is untouched
+    assert (labelled[top:, :left] < 128).any() and (labelled[:top, left:] < 128).any()  # text in both margins
+    with pytest.raises(ValueError, match="row_labels"):
+        evaluate.save_image_grid(images, tmp_path / "bad.png", nrow=3, row_labels=["only one"])

@@ -220,21 +220,52 @@ def evaluate_pipeline(
 
 
 def save_image_grid(
-    images: torch.Tensor, path: str, nrow: int = 10, value_range: tuple[float, float] = (0.0, 1.0), scale: int = 4
+    images: torch.Tensor,
+    path: str,
+    nrow: int = 10,
+    value_range: tuple[float, float] = (0.0, 1.0),
+    scale: int = 4,
+    row_labels: Sequence[str] | None = None,
+    column_labels: Sequence[str] | None = None,
 ) -> None:
-    r"""Saves `images` `(N, C, H, W)` as one grayscale PNG grid, `nrow` images per row, upscaled `scale` times."""
-    from PIL import Image
+    r"""
+    Saves `images` `(N, C, H, W)` as one grayscale PNG grid, `nrow` images per row, upscaled `scale` times; with
+    `row_labels` (one per row) written in a margin on the left and `column_labels` (one per column) above.
+    """
+    from PIL import Image, ImageDraw, ImageFont
 
     low, high = value_range
     images = ((torch.as_tensor(images).float().cpu().clamp(low, high) - low) / (high - low)).mean(dim=1).numpy()
     n, h, w = images.shape
     rows = (n + nrow - 1) // nrow
+    if row_labels is not None and len(row_labels) != rows:
+        raise ValueError(f"`row_labels` needs one label per row ({rows}), got {len(row_labels)}.")
+    if column_labels is not None and len(column_labels) != nrow:
+        raise ValueError(f"`column_labels` needs one label per column ({nrow}), got {len(column_labels)}.")
     grid = np.ones((rows * (h + 1) + 1, nrow * (w + 1) + 1), dtype=np.float32)
     for i, image in enumerate(images):
         r, c = divmod(i, nrow)
         grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = image
     grid = np.kron(grid, np.ones((scale, scale), dtype=np.float32))
-    Image.fromarray((grid.clip(0, 1) * 255).round().astype(np.uint8)).save(path)
+    picture = Image.fromarray((grid.clip(0, 1) * 255).round().astype(np.uint8))
+    if row_labels is not None or column_labels is not None:
+        try:
+            font = ImageFont.load_default(size=max(10, 2 * scale))
+        except TypeError:  # Pillow < 10.1: the fixed-size bitmap font
+            font = ImageFont.load_default()
+        pad = scale
+        left = pad + max((int(font.getlength(text)) for text in row_labels or []), default=-pad)
+        top = font.getbbox("0")[3] + 2 * pad if column_labels is not None else 0
+        labelled = Image.new("L", (left + pad + picture.width, top + picture.height), 255)
+        labelled.paste(picture, (left + pad, top))
+        draw = ImageDraw.Draw(labelled)
+        cell_h, cell_w = (h + 1) * scale, (w + 1) * scale
+        for r, text in enumerate(row_labels or []):
+            draw.text((pad, top + scale + r * cell_h + (h * scale) // 2), text, fill=0, font=font, anchor="lm")
+        for c, text in enumerate(column_labels or []):
+            draw.text((left + pad + scale + c * cell_w + (w * scale) // 2, pad), text, fill=0, font=font, anchor="mt")
+        picture = labelled
+    picture.save(path)
 
 
 def teacher_sampler(pipe, sampler: str, guidance_scale: float) -> tuple[Callable, int]:

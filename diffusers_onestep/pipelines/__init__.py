@@ -1,3 +1,4 @@
+from .calibration import OracleCalibration
 from .oracles import CallableOracle, CLIPScoreOracle, ImageRewardOracle, Oracle
 from .pipeline_adaptive_collab import AdaptiveCollabPipeline, AdaptiveCollabPipelineOutput
 from .pipeline_onestep import OneStepPipeline, OneStepPipelineOutput
@@ -13,6 +14,7 @@ __all__ = [
     "OneStepPipeline",
     "OneStepPipelineOutput",
     "Oracle",
+    "OracleCalibration",
     "encode_prompt",
     "repeat_embeddings",
     "tokenize_prompt",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-import itertools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +19,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..attention.nasa import check_nasa_scale
 from ..schedulers.scheduling_consistency_student import ConsistencyStudentScheduler
-from .loading import OneStepLoadingMixin, check_safetensors_only, load_pipeline, read_student_config
+from .loading import OneStepLoadingMixin
 from .pipeline_utils import (
     OneStepPipelineMixin,
     check_prompts,
@@ -66,28 +64,6 @@ class OneStepPipelineOutput(BaseOutput):
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     nfe: int
-
-
-def share_weights_copy(module: torch.nn.Module) -> torch.nn.Module:
-    r"""
-    A new module tree whose parameters and buffers are the **same tensors** as `module`'s: adapters injected into the
-    copy (peft replaces its layers) leave `module` untouched, at the cost of the module objects only, no weights.
-    """
-    memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
-    shared = copy.deepcopy(module, memo)
-    shared.__dict__["_onestep_shares_weights"] = True
-    return shared
-
-
-def _unshare_adapted_weights(module: torch.nn.Module) -> None:
-    """Gives every LoRA-adapted layer of a weight-sharing copy its own base weights (before fusing into them)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for layer in module.modules():
-        if isinstance(layer, BaseTunerLayer):
-            base = layer.get_base_layer()
-            for name, param in list(base.named_parameters(recurse=False)):
-                setattr(base, name, torch.nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
 
 
 class OneStepPipeline(
@@ -201,68 +177,12 @@ class OneStepPipeline(
         >>> pipe = OneStepPipeline.from_teacher("path/to/sd15", unet="path/to/student")
         ```
         """
-        if unet is None and lora is None:
-            raise ValueError("Pass the student as `unet` (full weights) or `lora` (LoRA weights), or both.")
-        if input_type is not None and input_type not in ("noise", "scaled_noise"):
-            raise ValueError(f"`input_type` must be one of ('noise', 'scaled_noise'), got {input_type!r}.")
-        if nasa_scale is not None:
-            check_nasa_scale(nasa_scale)
-        for name, path in (("unet", unet), ("lora", lora)):
-            if isinstance(path, (str, os.PathLike)):
-                check_safetensors_only(path, name)
-        load_kwargs = {"dtype": dtype, "use_safetensors": True} if dtype else {"use_safetensors": True}
+        return cls._from_teacher(
+            teacher, network=unet, lora=lora, t_init=t_init, input_type=input_type, nasa_scale=nasa_scale, dtype=dtype,
+            **scheduler_kwargs,
+        )  # fmt: skip
 
-        # 1. The student's own saved config (scheduler and nasa_scale), from its directory
-        student_scheduler, student_extra = read_student_config(unet)
-        if student_scheduler is None:
-            student_scheduler, lora_extra = read_student_config(lora)
-            student_extra = {**lora_extra, **student_extra}
-
-        # 2. The student UNet (loaded before the teacher so the teacher's UNet is not loaded for nothing)
-        if isinstance(unet, (str, os.PathLike)):
-            subfolder = "unet" if os.path.isdir(os.path.join(unet, "unet")) else None
-            unet = UNet2DConditionModel.from_pretrained(unet, subfolder=subfolder, **load_kwargs)
-
-        # 3. The teacher's components
-        if isinstance(teacher, (str, os.PathLike)):
-            overrides = {"unet": unet} if unet is not None else {}
-            teacher = load_pipeline(teacher, "teacher", **({"dtype": dtype} if dtype else {}), **overrides)
-            owned = True  # loaded here: nobody else runs this teacher
-        else:
-            owned = False
-        missing = [name for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler") if not hasattr(teacher, name)]
-        if missing:
-            raise ValueError(
-                f"`teacher` must be a Stable-Diffusion-like pipeline (vae, text_encoder, tokenizer, unet, scheduler); "
-                f"{type(teacher).__name__} lacks {missing}."
-            )
-        parts = {name: getattr(teacher, name) for name in ("vae", "text_encoder", "tokenizer")}
-        if unet is None:
-            unet = teacher.unet
-        if lora is not None and not owned:
-            # the adapter goes into copies that share the teacher's weights, never into the teacher's own modules
-            if unet is teacher.unet:
-                unet = share_weights_copy(unet)
-            if parts["text_encoder"] is not None:
-                parts["text_encoder"] = share_weights_copy(parts["text_encoder"])
-
-        # 4. The scheduler: the student's saved config, else the teacher's; explicit arguments override either
-        explicit = {"t_init": t_init, "input_type": input_type, **scheduler_kwargs}
-        explicit = {key: value for key, value in explicit.items() if value is not None}
-        if student_scheduler is not None:
-            overridden = {k: v for k, v in explicit.items() if k in student_scheduler and student_scheduler[k] != v}
-            if overridden:
-                logger.info(f"Overriding the student's saved scheduler config with {overridden}.")
-            scheduler = ConsistencyStudentScheduler.from_config(student_scheduler, **explicit)
-        else:
-            scheduler = ConsistencyStudentScheduler.from_config(teacher.scheduler.config, **explicit)
-        if nasa_scale is None:
-            nasa_scale = student_extra.get("nasa_scale", DEFAULT_NASA_SCALE)
-
-        pipe = cls(**parts, unet=unet, scheduler=scheduler, nasa_scale=nasa_scale)
-        if lora is not None:
-            pipe.load_lora_weights(lora, use_safetensors=True)
-        return pipe
+    # ---------------------------------------------------------------- prompts and checks
 
     def fuse_lora(self, components: list[str] | None = None, **kwargs):
         r"""
@@ -270,10 +190,7 @@ class OneStepPipeline(
         adapted layers first get their own copy of the base weights, so fusing never changes the teacher.
         """
         components = ["unet", "text_encoder"] if components is None else components
-        for name in components:
-            module = getattr(self, name, None)
-            if module is not None and module.__dict__.get("_onestep_shares_weights"):
-                _unshare_adapted_weights(module)
+        self._unshare_before_fusing(components)
         return super().fuse_lora(components=components, **kwargs)
 
     def save_pretrained(
@@ -289,15 +206,7 @@ class OneStepPipeline(
         `DiffusionPipeline.save_pretrained`, always in safetensors. A pipeline with a LoRA adapter loaded is refused
         with what to do (such a directory would not reload): save the adapter alone, or bake it in first.
         """
-        loaded = [name for name in ("unet", "text_encoder") if getattr(getattr(self, name, None), "peft_config", None)]
-        if loaded:
-            raise ValueError(
-                f"`save_pretrained`: {loaded} carry a LoRA adapter, and a directory saved so would not reload. Either "
-                "save the adapter alone with `pipe.save_lora_weights(save_directory, unet_lora_layers="
-                "peft.utils.get_peft_model_state_dict(pipe.unet))` and reload it with "
-                "`OneStepPipeline.from_teacher(teacher, lora=save_directory)`, or bake it into the weights with "
-                "`pipe.fuse_lora(); pipe.unload_lora_weights()` and then call `save_pretrained`."
-            )
+        self._refuse_saving_adapters()
         if not safe_serialization:
             raise ValueError("`safe_serialization` must be True (or left unset): weights are saved as safetensors.")
         return super().save_pretrained(

@@ -8,6 +8,7 @@ from the VAE, the fast execution device, the callback state diffusers' built-in 
 
 from __future__ import annotations
 
+import copy
 import inspect
 import itertools
 import math
@@ -24,6 +25,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..attention.nasa import check_nasa_scale, nasa_attention
 from ..models.backbones import BACKBONES, BackboneAdapter, cat_conditioning
 from ..models.denoiser import classifier_free_guidance
+from ..schedulers.scheduling_consistency_student import ConsistencyStudentScheduler
+from .loading import check_safetensors_only, load_pipeline, read_student_config
 
 
 __all__ = [
@@ -228,6 +231,28 @@ def check_fits_in_memory(
         )
 
 
+def share_weights_copy(module: torch.nn.Module) -> torch.nn.Module:
+    r"""
+    A new module tree whose parameters and buffers are the **same tensors** as `module`'s: adapters injected into the
+    copy (peft replaces its layers) leave `module` untouched, at the cost of the module objects only, no weights.
+    """
+    memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    shared = copy.deepcopy(module, memo)
+    shared.__dict__["_onestep_shares_weights"] = True
+    return shared
+
+
+def _unshare_adapted_weights(module: torch.nn.Module) -> None:
+    """Gives every LoRA-adapted layer of a weight-sharing copy its own base weights (before fusing into them)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for layer in module.modules():
+        if isinstance(layer, BaseTunerLayer):
+            base = layer.get_base_layer()
+            for name, param in list(base.named_parameters(recurse=False)):
+                setattr(base, name, torch.nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
+
+
 class OneStepPipelineMixin:
     r"""
     What our pipelines share beyond `DiffusionPipeline`: the VAE factor and image processor, a fast execution device,
@@ -245,6 +270,12 @@ class OneStepPipelineMixin:
     _cross_attention_kwargs: dict | None = None
     _clip_skip: int | None = None
     _interrupt: bool = False
+
+    # the modules a student takes from its teacher (besides the network and the scheduler), and the network's class
+    _teacher_components: tuple[str, ...] = ("vae", "text_encoder", "tokenizer")
+    _text_encoders: tuple[str, ...] = ("text_encoder",)
+    _network_class_name: str = "UNet2DConditionModel"
+    default_nasa_scale: float = 0.1
 
     def _init_image_processor(self) -> None:
         self.vae_scale_factor = vae_scale_factor_of(getattr(self, "vae", None))
@@ -546,3 +577,103 @@ class OneStepPipelineMixin:
         image = self.postprocess_latents(latents, output_type)
         self.maybe_free_model_hooks()
         return image, nfe
+
+    # ---------------------------------------------------------------- building from a teacher, saving
+
+    @classmethod
+    def _from_teacher(
+        cls, teacher, *, network=None, lora=None, t_init=None, input_type=None, nasa_scale=None, dtype=None,
+        **scheduler_kwargs,
+    ):  # fmt: skip
+        r"""The body of every `from_teacher` (see `OneStepPipeline.from_teacher` for the rules)."""
+        import diffusers
+
+        network_name = cls.backbone.network_attribute
+        if network is None and lora is None:
+            raise ValueError(f"Pass the student as `{network_name}` (full weights) or `lora` (LoRA weights), or both.")
+        if input_type is not None and input_type not in ("noise", "scaled_noise"):
+            raise ValueError(f"`input_type` must be one of ('noise', 'scaled_noise'), got {input_type!r}.")
+        if nasa_scale is not None:
+            check_nasa_scale(nasa_scale)
+        for name, path in ((network_name, network), ("lora", lora)):
+            if isinstance(path, (str, os.PathLike)):
+                check_safetensors_only(path, name)
+        load_kwargs = {"dtype": dtype, "use_safetensors": True} if dtype else {"use_safetensors": True}
+
+        # 1. The student's own saved config (scheduler and nasa_scale), from its directory
+        student_scheduler, student_extra = read_student_config(network)
+        if student_scheduler is None:
+            student_scheduler, lora_extra = read_student_config(lora)
+            student_extra = {**lora_extra, **student_extra}
+
+        # 2. The student network (loaded before the teacher, so the teacher's is not loaded for nothing)
+        if isinstance(network, (str, os.PathLike)):
+            subfolder = network_name if os.path.isdir(os.path.join(network, network_name)) else None
+            network_class = getattr(diffusers, cls._network_class_name)
+            network = network_class.from_pretrained(network, subfolder=subfolder, **load_kwargs)
+
+        # 3. The teacher's components; a LoRA goes into weight-sharing copies, never into the teacher's modules
+        owned = isinstance(teacher, (str, os.PathLike))
+        if owned:
+            overrides = {network_name: network} if network is not None else {}
+            teacher = load_pipeline(teacher, "teacher", **({"dtype": dtype} if dtype else {}), **overrides)
+        required = (*cls._teacher_components, network_name, "scheduler")
+        missing = [name for name in required if not hasattr(teacher, name)]
+        if missing:
+            raise ValueError(
+                f"`teacher` must be a pipeline with {list(required)} for {cls.__name__}; {type(teacher).__name__} "
+                f"lacks {missing}."
+            )
+        parts = {name: getattr(teacher, name) for name in cls._teacher_components}
+        if network is None:
+            network = getattr(teacher, network_name)
+        if lora is not None and not owned:
+            if network is getattr(teacher, network_name):
+                network = share_weights_copy(network)
+            for name in cls._text_encoders:
+                if parts.get(name) is not None:
+                    parts[name] = share_weights_copy(parts[name])
+
+        # 4. The scheduler: the student's saved config, else the teacher's; explicit arguments override either
+        explicit = {"t_init": t_init, "input_type": input_type, **scheduler_kwargs}
+        explicit = {key: value for key, value in explicit.items() if value is not None}
+        if student_scheduler is not None:
+            overridden = {k: v for k, v in explicit.items() if k in student_scheduler and student_scheduler[k] != v}
+            if overridden:
+                logger.info(f"Overriding the student's saved scheduler config with {overridden}.")
+            scheduler = ConsistencyStudentScheduler.from_config(student_scheduler, **explicit)
+        else:
+            scheduler = ConsistencyStudentScheduler.from_config(teacher.scheduler.config, **explicit)
+        if nasa_scale is None:
+            nasa_scale = student_extra.get("nasa_scale", cls.default_nasa_scale)
+
+        pipe = cls(**parts, **{network_name: network}, scheduler=scheduler, nasa_scale=nasa_scale)
+        if lora is not None:
+            pipe.load_student_lora(lora)
+        return pipe
+
+    def load_student_lora(self, lora) -> None:
+        r"""Loads student LoRA weights: the pipeline's LoRA loader where it has one, else PEFT on the network."""
+        if hasattr(self, "load_lora_weights"):
+            self.load_lora_weights(lora, use_safetensors=True)
+        else:
+            self.denoiser_network.load_lora_adapter(lora, prefix=None, use_safetensors=True)
+
+    def _unshare_before_fusing(self, components) -> None:
+        r"""Gives a weight-sharing student's adapted layers their own weights, so fusing never changes the teacher."""
+        for name in components:
+            module = getattr(self, name, None)
+            if module is not None and module.__dict__.get("_onestep_shares_weights"):
+                _unshare_adapted_weights(module)
+
+    def _refuse_saving_adapters(self) -> None:
+        r"""Raises, with what to do, when a component carries a LoRA adapter (such a directory would not reload)."""
+        loaded = [name for name, module in self.components.items() if getattr(module, "peft_config", None)]
+        if loaded:
+            raise ValueError(
+                f"`save_pretrained`: {loaded} carry a LoRA adapter, and a directory saved so would not reload. Either "
+                "save the adapter alone (`pipe.save_lora_weights(save_directory, unet_lora_layers="
+                "peft.utils.get_peft_model_state_dict(pipe.unet))`, or the network's `save_lora_adapter`) and reload "
+                "it with `from_teacher(teacher, lora=save_directory)`, or bake it into the weights with "
+                "`pipe.fuse_lora(); pipe.unload_lora_weights()` and then call `save_pretrained`."
+            )

@@ -17,13 +17,21 @@ from .pipelines import (
     ImageRewardOracle,
     OneStepPipeline,
     OneStepPipelineOutput,
+    OneStepPixArtPipeline,
+    OneStepXLPipeline,
     Oracle,
+    OracleCalibration,
 )
 from .pipelines.loading import register_with_diffusers
 from .schedulers import ConsistencyStudentScheduler, ConsistencyStudentSchedulerOutput
 
 
-register_with_diffusers(OneStepPipeline, AdaptiveCollabPipeline, auto_names={"onestep": "OneStepPipeline"})
+register_with_diffusers(
+    OneStepPipeline,
+    OneStepXLPipeline,
+    OneStepPixArtPipeline,
+    auto_names={"onestep": "OneStepPipeline", "onestep-xl": "OneStepXLPipeline", "onestep-pixart": "OneStepPixArtPipeline"},
+)
 
 
 __all__ = [
@@ -37,7 +45,10 @@ __all__ = [
     "NASAAttnProcessor",
     "OneStepPipeline",
     "OneStepPipelineOutput",
+    "OneStepPixArtPipeline",
+    "OneStepXLPipeline",
     "Oracle",
+    "OracleCalibration",
     "__version__",
     "nasa_attention",
 ]

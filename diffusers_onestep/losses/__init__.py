@@ -1,6 +1,13 @@
 """Distillation losses: one module per method, networks passed at call time, no `args`, no `Accelerator`."""
 
-from ..models.denoiser import PREDICTION_TYPES, Denoiser, DenoiserOutput, alpha_sigma, classifier_free_guidance, to_x0_eps
+from ..models.denoiser import (
+    PREDICTION_TYPES,
+    Denoiser,
+    DenoiserOutput,
+    alpha_sigma,
+    classifier_free_guidance,
+    to_x0_eps,
+)
 from .generator import INPUT_TYPES, student_generate, student_input
 from .vsd import PGSwiftBrushLoss, clamped_clip_loss
 

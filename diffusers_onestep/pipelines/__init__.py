@@ -2,6 +2,8 @@ from .calibration import OracleCalibration
 from .oracles import CallableOracle, CLIPScoreOracle, ImageRewardOracle, Oracle
 from .pipeline_adaptive_collab import AdaptiveCollabPipeline, AdaptiveCollabPipelineOutput
 from .pipeline_onestep import OneStepPipeline, OneStepPipelineOutput
+from .pipeline_onestep_pixart import OneStepPixArtPipeline
+from .pipeline_onestep_xl import OneStepXLPipeline
 from .text_encoding import encode_prompt, repeat_embeddings, tokenize_prompt
 
 
@@ -13,6 +15,8 @@ __all__ = [
     "ImageRewardOracle",
     "OneStepPipeline",
     "OneStepPipelineOutput",
+    "OneStepPixArtPipeline",
+    "OneStepXLPipeline",
     "Oracle",
     "OracleCalibration",
     "encode_prompt",

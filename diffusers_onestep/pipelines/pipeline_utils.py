@@ -649,15 +649,18 @@ class OneStepPipelineMixin:
 
         pipe = cls(**parts, **{network_name: network}, scheduler=scheduler, nasa_scale=nasa_scale)
         if lora is not None:
+            # peft marks the base weights `requires_grad=False`; they are the teacher's tensors, and the flag alone
+            # changes which CPU kernels run (outputs move by an ulp), so it is put back as the teacher had it
+            shared = [m for m in (network, *parts.values()) if isinstance(m, torch.nn.Module)]
+            flags = [(p, p.requires_grad) for m in shared for p in m.parameters()]
             pipe.load_student_lora(lora)
+            for param, flag in flags:
+                param.requires_grad_(flag)
         return pipe
 
     def load_student_lora(self, lora) -> None:
-        r"""Loads student LoRA weights: the pipeline's LoRA loader where it has one, else PEFT on the network."""
-        if hasattr(self, "load_lora_weights"):
-            self.load_lora_weights(lora, use_safetensors=True)
-        else:
-            self.denoiser_network.load_lora_adapter(lora, prefix=None, use_safetensors=True)
+        r"""Loads student LoRA weights through the pipeline's `load_lora_weights` (diffusers' loader, or PEFT)."""
+        self.load_lora_weights(lora, use_safetensors=True)
 
     def _unshare_before_fusing(self, components) -> None:
         r"""Gives a weight-sharing student's adapted layers their own weights, so fusing never changes the teacher."""
@@ -668,7 +671,12 @@ class OneStepPipelineMixin:
 
     def _refuse_saving_adapters(self) -> None:
         r"""Raises, with what to do, when a component carries a LoRA adapter (such a directory would not reload)."""
-        loaded = [name for name, module in self.components.items() if getattr(module, "peft_config", None)]
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        loaded = [
+            name for name, module in self.components.items()
+            if isinstance(module, torch.nn.Module) and any(isinstance(m, BaseTunerLayer) for m in module.modules())
+        ]  # fmt: skip
         if loaded:
             raise ValueError(
                 f"`save_pretrained`: {loaded} carry a LoRA adapter, and a directory saved so would not reload. Either "

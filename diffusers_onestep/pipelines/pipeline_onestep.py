@@ -182,8 +182,6 @@ class OneStepPipeline(
             **scheduler_kwargs,
         )  # fmt: skip
 
-    # ---------------------------------------------------------------- prompts and checks
-
     def fuse_lora(self, components: list[str] | None = None, **kwargs):
         r"""
         `StableDiffusionLoraLoaderMixin.fuse_lora`; on a student built by `from_teacher(teacher_pipe, lora=...)`, the
@@ -192,27 +190,6 @@ class OneStepPipeline(
         components = ["unet", "text_encoder"] if components is None else components
         self._unshare_before_fusing(components)
         return super().fuse_lora(components=components, **kwargs)
-
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike,
-        safe_serialization: bool = True,
-        variant: str | None = None,
-        max_shard_size: int | str | None = None,
-        push_to_hub: bool = False,
-        **kwargs,
-    ):
-        r"""
-        `DiffusionPipeline.save_pretrained`, always in safetensors. A pipeline with a LoRA adapter loaded is refused
-        with what to do (such a directory would not reload): save the adapter alone, or bake it in first.
-        """
-        self._refuse_saving_adapters()
-        if not safe_serialization:
-            raise ValueError("`safe_serialization` must be True (or left unset): weights are saved as safetensors.")
-        return super().save_pretrained(
-            save_directory, safe_serialization=True, variant=variant, max_shard_size=max_shard_size,
-            push_to_hub=push_to_hub, **kwargs,
-        )  # fmt: skip
 
     # ---------------------------------------------------------------- prompts and checks
 

@@ -188,13 +188,6 @@ class OneStepPixArtPipeline(OneStepLoadingMixin, OneStepPipelineMixin, Diffusion
             if isinstance(layer, BaseTunerLayer):
                 layer.merge(adapter_names=adapter_names)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, **kwargs):
-        r"""`DiffusionPipeline.save_pretrained`, safetensors only; refused with a recipe while a LoRA is loaded."""
-        self._refuse_saving_adapters()
-        if not safe_serialization:
-            raise ValueError("`safe_serialization` must be True (or left unset): weights are saved as safetensors.")
-        return super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
-
     @torch.no_grad()
     def __call__(
         self,

@@ -135,13 +135,6 @@ class OneStepXLPipeline(
         self._unshare_before_fusing(components)
         return super().fuse_lora(components=components, **kwargs)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, **kwargs):
-        r"""`DiffusionPipeline.save_pretrained`, safetensors only; refused with a recipe while a LoRA is loaded."""
-        self._refuse_saving_adapters()
-        if not safe_serialization:
-            raise ValueError("`safe_serialization` must be True (or left unset): weights are saved as safetensors.")
-        return super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
-
     def _time_ids(self, original_size, crops_coords_top_left, target_size, dtype, pooled, total, device):
         projection_dim = (
             self.text_encoder_2.config.projection_dim if self.text_encoder_2 is not None else int(pooled.shape[-1])

@@ -669,6 +669,16 @@ class OneStepPipelineMixin:
             if module is not None and module.__dict__.get("_onestep_shares_weights"):
                 _unshare_adapted_weights(module)
 
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, **kwargs):
+        r"""
+        `DiffusionPipeline.save_pretrained`, always in safetensors. A pipeline with a LoRA adapter loaded is refused
+        with what to do (such a directory would not reload): save the adapter alone, or bake it in first.
+        """
+        self._refuse_saving_adapters()
+        if not safe_serialization:
+            raise ValueError("`safe_serialization` must be True (or left unset): weights are saved as safetensors.")
+        return super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
+
     def _refuse_saving_adapters(self) -> None:
         r"""Raises, with what to do, when a component carries a LoRA adapter (such a directory would not reload)."""
         from peft.tuners.tuners_utils import BaseTunerLayer

@@ -270,3 +270,30 @@ def test_unsupported_teachers_and_students_are_refused_by_name():
         OneStepXLPipeline.from_teacher(StableDiffusionXLPipeline(**components), unet=sd_unet)
     with pytest.raises(ValueError, match="use_resolution_binning"):
         pixart_student()(prompt="a cat")
+
+
+# ---------------------------------------------------------------- AdaptiveCollabPipeline on both
+
+
+@pytest.mark.parametrize("backbone", ["sdxl", "pixart"])
+def test_adaptive_pipeline_takes_sdxl_and_pixart_students_and_teachers(backbone):
+    from diffusers_onestep import AdaptiveCollabPipeline, CallableOracle
+
+    teacher = sdxl_teacher() if backbone == "sdxl" else pixart_teacher()
+    student = BUILDERS[backbone](teacher)
+    oracle = CallableOracle(lambda images, prompts: torch.tensor([float("cat" in p) for p in prompts]))
+    pipe = AdaptiveCollabPipeline.from_pipelines(student, teacher, oracle=oracle)
+    pipe.set_progress_bar_config(disable=True)
+    extra = {"use_resolution_binning": False} if backbone == "pixart" else {}
+    kwargs = {"threshold": 0.5, "teacher_steps": 2, "output_type": "np", "student_kwargs": extra,
+              "teacher_kwargs": extra, "generator": [torch.Generator().manual_seed(i) for i in range(2)]}  # fmt: skip
+    alone = student(["a cat", "a dog"], output_type="np", generator=kwargs["generator"], **extra).images
+    kwargs["generator"] = [torch.Generator().manual_seed(i) for i in range(2)]
+    out = pipe(["a cat", "a dog"], strategy="regenerate", **kwargs)
+    assert out.refined.tolist() == [False, True] and out.nfe == [1, 1 + 2 * 2]
+    np.testing.assert_allclose(out.images[0], alone[0], atol=1e-6)  # the kept image is the student's
+    if backbone == "sdxl":
+        assert pipe(["a cat", "a dog"], strategy="refine", **kwargs).nfe == [1, 5]
+    else:  # diffusers has no PixArt image-to-image pipeline: said before any work
+        with pytest.raises(ValueError, match="strategy='regenerate'"):
+            pipe(["a cat", "a dog"], strategy="refine", **kwargs)

@@ -564,7 +564,13 @@ class AdaptiveCollabPipeline(OneStepLoadingMixin, DiffusionPipeline):
         """The teacher itself (regeneration), or its diffusers img2img sibling on the same modules (refinement)."""
         if strategy == "regenerate":
             return self.teacher
-        img2img = AutoPipelineForImage2Image.from_pipe(self.teacher)
+        try:
+            img2img = AutoPipelineForImage2Image.from_pipe(self.teacher)
+        except ValueError as error:
+            raise ValueError(
+                f"`strategy='refine'` needs an image-to-image pipeline for the teacher, and diffusers has none for "
+                f"{type(self.teacher).__name__} ({error}): use `strategy='regenerate'`."
+            ) from error
         img2img.set_progress_bar_config(**self._progress_bar_kwargs)
         return img2img
 
@@ -684,7 +690,7 @@ class AdaptiveCollabPipeline(OneStepLoadingMixin, DiffusionPipeline):
         if index:
             call = {
                 "prompt": [image_prompts[i] for i in index],
-                "negative_prompt": None if image_negatives is None else [image_negatives[i] for i in index],
+                **({} if image_negatives is None else {"negative_prompt": [image_negatives[i] for i in index]}),
                 "generator": [generator[i] for i in index] if isinstance(generator, list) else generator,
                 "guidance_scale": teacher_guidance_scale,
                 "output_type": "latent",

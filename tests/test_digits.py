@@ -141,6 +141,23 @@ def test_teacher_loads_as_stable_diffusion_and_evaluates(tiny_digits):
     assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
 
 
+def test_dit_teacher_trains_saves_as_pixart_and_samples(tiny_digits, tmp_path):
+    import evaluate
+    import train_teacher
+    from diffusers import PixArtAlphaPipeline
+
+    train_teacher.main(
+        ["--backbone", "dit", "--output_dir", str(tmp_path / "dit"), "--vae_dir", tiny_digits["vae"],
+         "--max_train_steps", "2", "--train_batch_size", "8", "--log_every", "1"]
+    )  # fmt: skip
+    pipe = PixArtAlphaPipeline.from_pretrained(tmp_path / "dit")
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.transformer).__name__ == "PixArtTransformer2DModel" and pipe.transformer.config.patch_size == 1
+    sample, nfe = evaluate.teacher_sampler(pipe, "dpm++:2", guidance_scale=1.5)
+    images = sample(["a handwritten digit seven", "a handwritten digit one"], torch.Generator().manual_seed(0))
+    assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all() and nfe == 4
+
+
 def test_evaluate_script(tiny_digits, tmp_path):
     import evaluate
 

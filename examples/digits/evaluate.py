@@ -15,6 +15,7 @@ The same functions score the teacher here and, later, the one-step students, NAS
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import time
@@ -280,6 +281,9 @@ def teacher_sampler(pipe, sampler: str, guidance_scale: float) -> tuple[Callable
     scheduler_class = {"dpm++": DPMSolverMultistepScheduler, "ddpm": DDPMScheduler}[name]
     scheduler = scheduler_class.from_config(pipe.scheduler.config)
 
+    # a PixArt teacher's bins are for 256-2048 px images: the digits DiT samples at its own 8x8 size
+    extra = {"use_resolution_binning": False} if "use_resolution_binning" in inspect.signature(pipe.__call__).parameters else {}
+
     def pipe_callable(prompts: list[str], generator: torch.Generator) -> torch.Tensor:
         pipe.scheduler = scheduler
         output = pipe(
@@ -288,6 +292,7 @@ def teacher_sampler(pipe, sampler: str, guidance_scale: float) -> tuple[Callable
             guidance_scale=guidance_scale,
             generator=generator,
             output_type="pt",
+            **extra,
         )
         return output.images
 

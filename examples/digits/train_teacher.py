@@ -1,7 +1,15 @@
-"""Trains the digits teacher and saves it as a Stable-Diffusion-format checkpoint directory.
+"""Trains the digits teacher and saves it as a Stable-Diffusion-format (or, with `--backbone dit`, a PixArt-α-format)
+checkpoint directory.
 
     OMP_NUM_THREADS=1 nice -n 10 python examples/digits/train_teacher.py \
         --vae_dir /work/digits_artifacts/vae --output_dir /work/digits_artifacts/teacher
+    OMP_NUM_THREADS=1 nice -n 10 python examples/digits/train_teacher.py --backbone dit \
+        --vae_dir examples/digits/checkpoints/teacher/vae --output_dir /work/digits_artifacts/dit_teacher
+
+The DiT teacher (`build_dit_teacher_components`) is a `PixArtAlphaPipeline` directory: a `PixArtTransformer2DModel`
+(patch 1 on the 8x8 latents, 6 layers of width 128, no learned sigma), a two-layer `T5EncoderModel` (width 64) with
+the unigram T5 tokenizer of `testing_utils.build_t5_tokenizer`, trained jointly from scratch with the same recipe,
+captions encoded by `PixArtAlphaPipeline.encode_prompt` itself, and the same VAE and DDPM schedule.
 
 The saved directory loads with `StableDiffusionPipeline.from_pretrained(output_dir)`, and the distillation scripts take
 it as `--pretrained_teacher_model_name_or_path` exactly like `stable-diffusion-v1-5`. Components:
@@ -29,16 +37,76 @@ import time
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    PixArtAlphaPipeline,
+    PixArtTransformer2DModel,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.training_utils import EMAModel
 from digits_data import TOKENIZER_WORDS, load_digits_split, random_captions
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
+from diffusers_onestep.models.backbones import backbone_for
 from diffusers_onestep.pipelines.text_encoding import encode_prompt
-from diffusers_onestep.testing_utils import build_clip_tokenizer
+from diffusers_onestep.testing_utils import build_clip_tokenizer, build_t5_tokenizer
 
 
-__all__ = ["build_teacher_components", "main", "save_teacher", "train_teacher"]
+__all__ = ["build_dit_teacher_components", "build_teacher_components", "main", "save_teacher", "train_teacher"]
+
+
+def _digits_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="epsilon", clip_sample=False, steps_offset=1,
+    )  # fmt: skip
+
+
+def build_dit_teacher_components(
+    vae: AutoencoderKL,
+    width: int = 128,
+    num_layers: int = 6,
+    text_hidden_size: int = 64,
+    text_layers: int = 2,
+    model_max_length: int = 16,
+    seed: int = 0,
+) -> dict:
+    r"""
+    Freshly initialised PixArt-α-shaped teacher components around a trained `vae` (the `PixArtAlphaPipeline`
+    arguments): transformer of `num_layers` blocks of `width` (4 heads), patch 1, `caption_channels` equal to the T5
+    width, epsilon output only (no learned sigma).
+    """
+    tokenizer = build_t5_tokenizer(TOKENIZER_WORDS, model_max_length=model_max_length)
+    torch.manual_seed(seed)
+    text_encoder = T5EncoderModel(
+        T5Config(vocab_size=len(tokenizer), d_model=text_hidden_size, d_kv=text_hidden_size // 4,
+                 d_ff=4 * text_hidden_size, num_layers=text_layers, num_heads=4, pad_token_id=0, eos_token_id=1,
+                 decoder_start_token_id=0, dropout_rate=0.0)  # fmt: skip
+    )
+    torch.manual_seed(seed)
+    latent_size = vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1)
+    transformer = PixArtTransformer2DModel(
+        sample_size=latent_size, num_layers=num_layers, patch_size=1, attention_head_dim=width // 4,
+        num_attention_heads=4, caption_channels=text_hidden_size, cross_attention_dim=width,
+        in_channels=vae.config.latent_channels, out_channels=vae.config.latent_channels, attention_bias=True,
+        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6, use_additional_conditions=False,
+    )  # fmt: skip
+    return {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "transformer": transformer,
+            "scheduler": _digits_scheduler()}  # fmt: skip
+
+
+def _encode_captions(components: dict, captions: list[str]) -> dict:
+    """The conditioning dict of `captions`, differentiable through the text encoder (trained jointly)."""
+    if "transformer" in components:
+        pipe = PixArtAlphaPipeline(**components)
+        max_length = components["tokenizer"].model_max_length
+        embeds, mask, _, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False, device="cpu",
+                                                clean_caption=False, max_sequence_length=max_length)  # fmt: skip
+        return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
+    return {"encoder_hidden_states": encode_prompt(components["tokenizer"], components["text_encoder"], captions)}
 
 
 def build_teacher_components(
@@ -86,16 +154,8 @@ def build_teacher_components(
         attention_head_dim=8,
         norm_num_groups=min(32, block_out_channels[0]),
     )
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        clip_sample=False,
-        steps_offset=1,
-    )
-    return {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet, "scheduler": scheduler}
+    return {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet,
+            "scheduler": _digits_scheduler()}  # fmt: skip
 
 
 def train_teacher(
@@ -112,7 +172,8 @@ def train_teacher(
     log_every: int = 50,
 ) -> list[dict]:
     r"""
-    Trains `components["unet"]` and `components["text_encoder"]` in place (the EMA weights are copied in at the end).
+    Trains the denoiser (`components["unet"]` or `["transformer"]`) and `components["text_encoder"]` in place (the EMA
+    weights are copied in at the end), through the backbone adapter of `diffusers_onestep.models.backbones`.
 
     Args:
         images (`torch.Tensor` of shape `(N, 1, 8, 8)`): training images in `[-1, 1]`.
@@ -122,8 +183,9 @@ def train_teacher(
     Returns:
         `list[dict]`: the training log (`step`, `loss`, `seconds_per_step`), one entry per `log_every` steps.
     """
-    vae, unet, text_encoder = components["vae"], components["unet"], components["text_encoder"]
-    tokenizer, scheduler = components["tokenizer"], components["scheduler"]
+    vae, text_encoder, scheduler = components["vae"], components["text_encoder"], components["scheduler"]
+    unet = components.get("unet", components.get("transformer"))
+    backbone = backbone_for(unet)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
 
@@ -162,8 +224,8 @@ def train_teacher(
         drop = torch.rand(len(captions), generator=generator) < caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop)]
         unique = sorted(set(captions))
-        prompt_embeds = encode_prompt(tokenizer, text_encoder, unique)
-        prompt_embeds = prompt_embeds[torch.tensor([unique.index(c) for c in captions])]
+        rows = torch.tensor([unique.index(c) for c in captions])
+        cond = {k: v[rows] for k, v in _encode_captions(components, unique).items()}
 
         # 4. Forward diffusion x_t = sqrt(abar_t) z + sqrt(1 - abar_t) eps, t ~ U{0..T-1}
         noise = torch.randn(latents.shape, generator=generator)
@@ -176,7 +238,7 @@ def train_teacher(
         )
 
         # 5. Denoising loss and update
-        model_output = unet(noisy_latents, timesteps, prompt_embeds).sample
+        model_output = backbone(unet, noisy_latents, timesteps, cond)
         loss = F.mse_loss(model_output, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -202,14 +264,19 @@ def train_teacher(
     return log
 
 
-def save_teacher(components: dict, output_dir: str) -> StableDiffusionPipeline:
+def save_teacher(components: dict, output_dir: str) -> StableDiffusionPipeline | PixArtAlphaPipeline:
     r"""
-    Saves `components` as a `StableDiffusionPipeline` directory (safetensors, no safety checker). The directory is
-    written next to `output_dir` first and moved into place, so a failed save never destroys a previous teacher.
+    Saves `components` as a `StableDiffusionPipeline` (or, with a transformer, `PixArtAlphaPipeline`) directory
+    (safetensors, no safety checker). The directory is written next to `output_dir` first and moved into place, so a
+    failed save never destroys a previous teacher.
     """
-    pipe = StableDiffusionPipeline(
-        **components, safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False
-    )
+    if "transformer" in components:
+        pipe = PixArtAlphaPipeline(**components)
+    else:
+        pipe = StableDiffusionPipeline(
+            **components, safety_checker=None, feature_extractor=None, image_encoder=None,
+            requires_safety_checker=False,
+        )  # fmt: skip
     staging = output_dir.rstrip("/") + ".saving"
     shutil.rmtree(staging, ignore_errors=True)
     pipe.save_pretrained(staging, safe_serialization=True)
@@ -228,6 +295,8 @@ def main(argv: list[str] | None = None) -> StableDiffusionPipeline:
     parser.add_argument("--lr_warmup_steps", type=int, default=200)
     parser.add_argument("--caption_dropout", type=float, default=0.1)
     parser.add_argument("--ema_decay", type=float, default=0.999, help="maximum EMA decay; 0 disables EMA")
+    parser.add_argument("--backbone", choices=["unet", "dit"], default="unet",
+                        help="unet: the Stable Diffusion teacher; dit: the PixArt-α-shaped teacher")
     parser.add_argument("--block_out_channels", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log_every", type=int, default=50)
@@ -235,9 +304,13 @@ def main(argv: list[str] | None = None) -> StableDiffusionPipeline:
 
     images, labels = load_digits_split("train")
     vae = AutoencoderKL.from_pretrained(args.vae_dir)
-    components = build_teacher_components(vae, tuple(args.block_out_channels), seed=args.seed)
-    num_parameters = sum(p.numel() for p in components["unet"].parameters())
-    print(f"unet parameters: {num_parameters / 1e6:.3f}M, text encoder parameters: "
+    if args.backbone == "dit":
+        components = build_dit_teacher_components(vae, seed=args.seed)
+    else:
+        components = build_teacher_components(vae, tuple(args.block_out_channels), seed=args.seed)
+    network = components.get("unet", components.get("transformer"))
+    num_parameters = sum(p.numel() for p in network.parameters())
+    print(f"denoiser parameters: {num_parameters / 1e6:.3f}M, text encoder parameters: "
           f"{sum(p.numel() for p in components['text_encoder'].parameters()) / 1e6:.3f}M")  # fmt: skip
     start = time.perf_counter()
     log = train_teacher(

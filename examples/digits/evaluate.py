@@ -282,7 +282,9 @@ def teacher_sampler(pipe, sampler: str, guidance_scale: float) -> tuple[Callable
     scheduler = scheduler_class.from_config(pipe.scheduler.config)
 
     # a PixArt teacher's bins are for 256-2048 px images: the digits DiT samples at its own 8x8 size
-    extra = {"use_resolution_binning": False} if "use_resolution_binning" in inspect.signature(pipe.__call__).parameters else {}
+    # (and its caption cleaning needs bs4 / ftfy, which it would warn about on every call)
+    accepted = inspect.signature(pipe.__call__).parameters
+    extra = {"use_resolution_binning": False, "clean_caption": False} if "use_resolution_binning" in accepted else {}
 
     def pipe_callable(prompts: list[str], generator: torch.Generator) -> torch.Tensor:
         pipe.scheduler = scheduler

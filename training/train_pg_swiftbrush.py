@@ -19,12 +19,11 @@ import sys
 from dataclasses import asdict, dataclass
 
 import torch
+from diffusers import DiffusionPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from diffusers_onestep.losses import Denoiser, PGSwiftBrushLoss, clamped_clip_loss, student_generate
-from diffusers_onestep.pipelines import OneStepPipeline
-from diffusers_onestep.pipelines.text_encoding import encode_prompt
 from diffusers_onestep.schedulers import ConsistencyStudentScheduler
 from diffusers_onestep.training_utils import (
     FAKE_SCORE_ADAPTER,
@@ -34,8 +33,10 @@ from diffusers_onestep.training_utils import (
     arg,
     backward_if_finite,
     build_distillation_unets,
+    build_student_pipeline,
     check_weights,
     clip_embeddings,
+    encode_prompts,
     format_command,
     load_clip,
     load_teacher,
@@ -85,8 +86,11 @@ class PGSwiftBrushArguments:
     clip_loss_tau: float = arg(0.37, "Its clamp tau.", low=-1, high=1)
 
 
-def main(argv: list[str] | None = None) -> OneStepPipeline | None:
-    r"""Trains a PG-SB student; returns the trained student as a `OneStepPipeline` on the main process."""
+def main(argv: list[str] | None = None) -> DiffusionPipeline | None:
+    r"""
+    Trains a PG-SB student; returns it on the main process as its backbone's student pipeline (`OneStepPipeline`,
+    `OneStepXLPipeline` or `OneStepPixArtPipeline`).
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     args, pg = parse_args((TrainingArguments, PGSwiftBrushArguments), argv)
     validate_training_args(args)
@@ -97,7 +101,8 @@ def main(argv: list[str] | None = None) -> OneStepPipeline | None:
     )  # fmt: skip
     prompts = load_training_prompts(args)
 
-    # Setup: accelerator, frozen teacher, student (full copy or LoRA) and LoRA fake score, optimizers
+    # Setup: accelerator, frozen teacher (SD 1.x / 2.x, SDXL or PixArt), student (full copy or LoRA) and LoRA fake
+    # score, optimizers
     accelerator = setup_accelerator(args, find_unused_parameters=args.student_lora_rank > 0)
     device, dtype, n = accelerator.device, weight_dtype(accelerator), accelerator.num_processes
     resolve_max_train_steps(args, len(prompts), n)
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> OneStepPipeline | None:
     )  # fmt: skip
     latent_shape = teacher_latent_shape(teacher, args.resolution)
     unets = build_distillation_unets(
-        teacher.unet, student_lora_rank=args.student_lora_rank, student_lora_alpha=args.student_lora_alpha,
+        teacher.network, student_lora_rank=args.student_lora_rank, student_lora_alpha=args.student_lora_alpha,
         student_lora_target_modules=args.student_lora_target_modules, fake_score_lora_rank=pg.fake_score_lora_rank,
         fake_score_lora_alpha=pg.fake_score_lora_alpha, fake_score_lora_target_modules=pg.fake_score_lora_target_modules,
         gradient_checkpointing=args.gradient_checkpointing, dtype=dtype,
@@ -143,18 +148,20 @@ def main(argv: list[str] | None = None) -> OneStepPipeline | None:
         accelerator.init_trackers(args.tracker_project_name, config={k: v for k, v in config.items() if k not in secret})
 
     # The three roles as x0 / eps denoisers. Grad passes go through the prepared (DDP) modules; no-grad passes use
-    # the unwrapped base. With a LoRA student all views are one UNet with adapters switched.
+    # the unwrapped base. With a LoRA student all views are one network with adapters switched. Prompts become
+    # conditioning dicts through the teacher pipeline's own encode_prompt (its unconditional branch included).
     base_student, base_teacher = accelerator.unwrap_model(models[0]), accelerator.unwrap_model(models[-1])
     student = AdapterView(models[0], unets.student_adapter, base=base_student)
     acp, prediction_type = teacher.scheduler.alphas_cumprod.to(device), teacher.scheduler.config.prediction_type
     teacher_score = Denoiser(AdapterView(base_teacher, None), acp, prediction_type)
     fake_score = Denoiser(AdapterView(base_teacher, FAKE_SCORE_ADAPTER), acp, prediction_type)
     fake_score_train = Denoiser(AdapterView(models[-1], FAKE_SCORE_ADAPTER, base=base_teacher), acp, prediction_type)
-    uncond_embeds = encode_prompt(teacher.tokenizer, teacher.text_encoder, [""], device, dtype=dtype)
+    encoding = {"device": device, "dtype": dtype, "resolution": args.resolution}
+    uncond = encode_prompts(teacher, [""], unconditional=True, **encoding)
 
-    def student_pipeline() -> OneStepPipeline:
+    def student_pipeline() -> DiffusionPipeline:
         AdapterView(base_student, unets.student_adapter).activate()
-        pipe = OneStepPipeline(teacher.vae, teacher.text_encoder, teacher.tokenizer, base_student, scheduler)
+        pipe = build_student_pipeline(teacher.pipeline, base_student, scheduler, teacher.backbone)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -163,6 +170,7 @@ def main(argv: list[str] | None = None) -> OneStepPipeline | None:
             _, path = log_validation(
                 student_pipeline(), prompts=args.validation_prompts, accelerator=accelerator, step=step,
                 output_dir=args.output_dir, seed=args.seed, num_images_per_prompt=args.num_validation_images,
+                **teacher.generation_kwargs(latent_shape),
             )  # fmt: skip
         return [path]
 
@@ -190,13 +198,13 @@ def main(argv: list[str] | None = None) -> OneStepPipeline | None:
         batch_prompts = rank_slice(next(batches), accelerator)
 
         with accelerator.accumulate(*models), accelerator.autocast():
-            prompt_embeds = encode_prompt(teacher.tokenizer, teacher.text_encoder, batch_prompts, device, dtype=dtype)
+            cond = encode_prompts(teacher, batch_prompts, **encoding)
             # 1. x0 = G(z, c): the student's one step at t_init
-            x0 = student_generate(student, scheduler, z, prompt_embeds)
+            x0 = student_generate(student, scheduler, z, cond)
             # 2. x_t = a_t x0 + s_t eps, t ~ U{t_min..t_max}; teacher and fake score both guided with k ~ U(k_min, k_max)
             # 3. student loss: gradient w(t) (e_teacher - e_fake) on x0, w(t) = s_t^2
             loss_g, logs_g = loss_fn.generator_loss(
-                teacher_score, fake_score, x0, prompt_embeds, uncond_embeds, noise=eps, timesteps=t, guidance_scale=k
+                teacher_score, fake_score, x0, cond, uncond, noise=eps, timesteps=t, guidance_scale=k
             )
             if clip is not None:  # optional clamped CLIP loss on the decoded image, weight decayed linearly to 0
                 image = teacher.vae.decode(x0.to(dtype) / teacher.vae.config.scaling_factor).sample
@@ -211,7 +219,7 @@ def main(argv: list[str] | None = None) -> OneStepPipeline | None:
             )  # fmt: skip
             # 4. fake-score loss on stopgrad(x0): t ~ U{0..T-1}, empty prompt with probability 0.1
             loss_f, logs_f = loss_fn.fake_score_loss(
-                fake_score_train, x0, prompt_embeds, uncond_embeds, noise=eps_fake, timesteps=t_fake, uncond_mask=drop
+                fake_score_train, x0, cond, uncond, noise=eps_fake, timesteps=t_fake, uncond_mask=drop
             )
             backward_if_finite(accelerator, loss_f, step.global_step, nan_guard, "loss_fake_score")
             optimizer_step(
@@ -224,7 +232,7 @@ def main(argv: list[str] | None = None) -> OneStepPipeline | None:
         step.logs.update(logs_g, **logs_f, lr=sched_student.get_last_lr()[0])
         logs = step.logs
 
-    # Final save: OneStepPipeline directory or LoRA weights + scheduler, model card, optional Hub upload
+    # Final save: the student pipeline's directory or LoRA weights + scheduler, model card, optional Hub upload
     accelerator.wait_for_everyone()
     pipeline = None
     if accelerator.is_main_process:
@@ -232,7 +240,7 @@ def main(argv: list[str] | None = None) -> OneStepPipeline | None:
             ema.copy_to(unets.student_parameters)
         check_weights(None, unets.student_parameters, "the final model")
         save_student(
-            args.output_dir, unet=base_student, scheduler=scheduler, teacher=teacher,
+            args.output_dir, network=base_student, scheduler=scheduler, teacher=teacher,
             adapter_name=unets.student_adapter, teacher_name_or_path=args.pretrained_teacher_model_name_or_path,
             revision=args.revision, variant=args.variant,
         )  # fmt: skip
@@ -248,6 +256,7 @@ def main(argv: list[str] | None = None) -> OneStepPipeline | None:
             metrics={k: float(v) for k, v in logs.items()}, hyperparameters=hyperparameters, t_init=args.t_init,
             input_type=args.input_type, lora_rank=args.student_lora_rank, lora_alpha=args.student_lora_alpha,
             repo_id=repo_id, validation_images=images, tags=["pg-swiftbrush", "snoopi"], secrets=[args.hub_token],
+            pipeline_class=teacher.backbone.student_pipeline.__name__,
             **({"example_prompt": args.validation_prompts[0]} if args.validation_prompts else {}),
         )  # fmt: skip
         if args.push_to_hub:

@@ -31,19 +31,24 @@ def student_generate(
     unet,
     scheduler,
     noise: torch.Tensor,
-    prompt_embeds: torch.Tensor,
+    prompt_embeds: torch.Tensor | dict,
     cross_attention_kwargs: dict | None = None,
+    backbone=None,
 ) -> torch.Tensor:
     r"""
     One student step: `x0 = G(z, c)`, differentiable with respect to the student's parameters.
 
     Args:
-        unet (`UNet2DConditionModel` or a callable with the same signature and a `dtype`): the student.
+        unet (`UNet2DConditionModel`, `PixArtTransformer2DModel`, or a callable view of one with a `dtype`, such as
+            `training_utils.AdapterView`): the student.
         scheduler (`ConsistencyStudentScheduler` or any scheduler whose config has `t_init`, `input_type`,
             `prediction_type` and which exposes `alphas_cumprod`): the student's scheduler.
         noise (`torch.Tensor`): `z`, shape `(batch, C, H, W)`.
-        prompt_embeds (`torch.Tensor`): text embeddings, shape `(batch, seq_len, dim)`.
-        cross_attention_kwargs (`dict`, *optional*): passed to the UNet.
+        prompt_embeds (`dict` or `torch.Tensor`): the conditioning dict of the backbone (`models.backbones`), or SD's
+            text embeddings `(batch, seq_len, dim)`.
+        cross_attention_kwargs (`dict`, *optional*): passed to the network.
+        backbone (`BackboneAdapter`, *optional*): the network call; defaults to the adapter of `unet` (or of its
+            `base`).
 
     Returns:
         `torch.Tensor`: `x0` in float32, shape of `noise`.
@@ -53,6 +58,6 @@ def student_generate(
             f"The student scheduler ({type(scheduler).__name__}) has no `t_init` in its config: use "
             "`ConsistencyStudentScheduler.from_config(teacher_scheduler.config, t_init=..., input_type=...)`."
         )
-    denoiser = Denoiser(unet, scheduler.alphas_cumprod, scheduler.config.prediction_type)
+    denoiser = Denoiser(unet, scheduler.alphas_cumprod, scheduler.config.prediction_type, backbone=backbone)
     sample = student_input(scheduler, noise)
     return denoiser(sample, scheduler.config.t_init, prompt_embeds, cross_attention_kwargs=cross_attention_kwargs).x0

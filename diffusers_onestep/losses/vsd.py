@@ -25,14 +25,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..models.backbones import as_conditioning, expand_conditioning, where_conditioning
 from ..models.denoiser import Denoiser, alpha_sigma
 
 
 __all__ = ["PGSwiftBrushLoss", "clamped_clip_loss"]
-
-
-def _expand(embeds: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return embeds.expand(batch_size, *embeds.shape[1:]) if embeds.shape[0] == 1 else embeds
 
 
 def _noise_and_timesteps(x0, noise, timesteps, low: int, high: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,8 +46,9 @@ class PGSwiftBrushLoss:
     r"""
     The two players of PG-SB: `generator_loss` for the student, `fake_score_loss` for the LoRA fake score.
 
-    Networks are passed at call time as `Denoiser`s (any prediction type); randomness is drawn from `generator`
-    unless given explicitly (`noise`, `timesteps`, `guidance_scale`, `uncond_mask`).
+    Networks are passed at call time as `Denoiser`s (any prediction type, any backbone); the prompt conditioning is a
+    conditioning dict (`models.backbones`: SD, SDXL, PixArt) or SD's `encoder_hidden_states` tensor. Randomness is
+    drawn from `generator` unless given explicitly (`noise`, `timesteps`, `guidance_scale`, `uncond_mask`).
 
     Args:
         guidance_scale_range (`tuple[float, float]`, defaults to `(0.5, 4.0)`): `(k_min, k_max)` of the per-sample
@@ -104,8 +102,8 @@ class PGSwiftBrushLoss:
         teacher: Denoiser,
         fake_score: Denoiser,
         x0: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        uncond_prompt_embeds: torch.Tensor,
+        prompt_embeds: torch.Tensor | dict,
+        uncond_prompt_embeds: torch.Tensor | dict,
         *,
         noise: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
@@ -118,8 +116,9 @@ class PGSwiftBrushLoss:
         Args:
             teacher, fake_score (`Denoiser`): the frozen teacher `e_psi` and the fake score `e_pi`.
             x0 (`torch.Tensor`): the student's output `G(z, c)`, `(batch, C, H, W)`.
-            prompt_embeds (`torch.Tensor`): `(batch, seq_len, dim)`.
-            uncond_prompt_embeds (`torch.Tensor`): the empty prompt, `(1 or batch, seq_len, dim)`.
+            prompt_embeds (`dict` or `torch.Tensor`): the prompt conditioning, `(batch, ...)` tensors (a tensor: SD's
+                `(batch, seq_len, dim)` text embeddings).
+            uncond_prompt_embeds (`dict` or `torch.Tensor`): the teacher's unconditional branch, batch 1 or `batch`.
             noise, timesteps, guidance_scale (`torch.Tensor`, *optional*): `eps`, `t` (`(batch,)` long) and `k`
                 (`(batch,)`); drawn from `generator` when omitted.
 
@@ -133,18 +132,19 @@ class PGSwiftBrushLoss:
         if guidance_scale is None:
             guidance_scale = self.sample_guidance_scale(batch_size, device=x0.device, generator=generator)
         guidance_scale = guidance_scale.to(x0.device).float()
-        uncond = _expand(uncond_prompt_embeds, batch_size)
+        cond = as_conditioning(prompt_embeds)
+        uncond = expand_conditioning(as_conditioning(uncond_prompt_embeds), batch_size)
 
         # 1. diffuse the student's sample: x_t = a_t x0 + s_t eps
         alpha, sigma = alpha_sigma(teacher.alphas_cumprod.to(x0.device), timesteps, x0.ndim)
         x_t = alpha * x0.detach().float() + sigma * noise
         # 2. teacher and fake score with the same guidance scale k (PG-SB), without gradient
         with torch.no_grad():
-            eps_teacher = teacher(x_t, timesteps, prompt_embeds, guidance_scale, uncond).eps
+            eps_teacher = teacher(x_t, timesteps, cond, guidance_scale, uncond).eps
             if self.guide_fake_score:
-                eps_fake = fake_score(x_t, timesteps, prompt_embeds, guidance_scale, uncond).eps
+                eps_fake = fake_score(x_t, timesteps, cond, guidance_scale, uncond).eps
             else:
-                eps_fake = fake_score(x_t, timesteps, prompt_embeds).eps
+                eps_fake = fake_score(x_t, timesteps, cond).eps
         # 3. gradient on x0 is w(t) (e_teacher - e_fake), w(t) = s_t^2; nan_to_num keeps one bad sample from
         # poisoning the batch (the loop's guard still catches a non-finite loss)
         grad = sigma**2 * (eps_teacher - eps_fake)
@@ -161,8 +161,8 @@ class PGSwiftBrushLoss:
         self,
         fake_score: Denoiser,
         x0: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        uncond_prompt_embeds: torch.Tensor,
+        prompt_embeds: torch.Tensor | dict,
+        uncond_prompt_embeds: torch.Tensor | dict,
         *,
         noise: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
@@ -190,7 +190,8 @@ class PGSwiftBrushLoss:
             uncond_mask = torch.rand(batch_size, generator=generator, device=generator.device if generator else "cpu")
             uncond_mask = uncond_mask < self.uncond_prob
         uncond_mask = uncond_mask.to(x0.device).bool()
-        embeds = torch.where(uncond_mask[:, None, None], _expand(uncond_prompt_embeds, batch_size), prompt_embeds)
+        uncond = expand_conditioning(as_conditioning(uncond_prompt_embeds), batch_size)
+        embeds = where_conditioning(uncond_mask, uncond, as_conditioning(prompt_embeds))
 
         alpha, sigma = alpha_sigma(fake_score.alphas_cumprod.to(x0.device), timesteps, x0.ndim)
         x_t = alpha * x0 + sigma * noise

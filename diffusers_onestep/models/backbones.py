@@ -26,9 +26,12 @@ __all__ = [
     "PixArtTransformerAdapter",
     "SDUNetAdapter",
     "SDXLUNetAdapter",
+    "as_conditioning",
     "backbone_for",
     "cat_conditioning",
+    "expand_conditioning",
     "repeat_conditioning",
+    "where_conditioning",
 ]
 
 
@@ -46,6 +49,32 @@ def repeat_conditioning(cond: dict, repeats: int) -> dict:
     if repeats == 1:
         return cond
     return {k: v.repeat_interleave(repeats, dim=0) if torch.is_tensor(v) else v for k, v in cond.items()}
+
+
+def as_conditioning(cond: torch.Tensor | dict) -> dict:
+    r"""A conditioning dict; a tensor is SD's `encoder_hidden_states` (the SD 1.x / 2.x tensor path)."""
+    return cond if isinstance(cond, dict) else {"encoder_hidden_states": cond}
+
+
+def expand_conditioning(cond: dict, batch_size: int) -> dict:
+    r"""Broadcasts a batch-1 conditioning dict (the unconditional branch) to `batch_size` rows; others stay as they are."""
+    return {
+        k: v.expand(batch_size, *v.shape[1:]) if torch.is_tensor(v) and v.shape[0] == 1 and batch_size != 1 else v
+        for k, v in cond.items()
+    }
+
+
+def where_conditioning(mask: torch.Tensor, if_true: dict, if_false: dict) -> dict:
+    r"""
+    Row-wise choice between two conditioning dicts of equal batch size: `if_true[key]` where `mask` (`(batch,)` bool)
+    is set, else `if_false[key]` (the fake score's prompt dropout). Non-tensor values are taken from `if_false`.
+    """
+    def choose(a, b):
+        if not torch.is_tensor(b):
+            return b
+        return torch.where(mask.to(b.device).reshape(-1, *([1] * (b.ndim - 1))), a.to(b.dtype), b)
+
+    return {key: choose(if_true[key], value) for key, value in if_false.items()}
 
 
 class BackboneAdapter:

@@ -1,7 +1,8 @@
 """The end of a run: the student saved in diffusers formats, its model card, and the optional Hub upload.
 
-A full student becomes a `OneStepPipeline` directory; a LoRA student becomes diffusers-format LoRA weights (with the
-adapter metadata, so `lora_alpha != r` survives `load_lora_weights`) plus `scheduler/` holding its `t_init`. Both are
+A full student becomes a directory of its backbone's student pipeline (`OneStepPipeline`, `OneStepXLPipeline`,
+`OneStepPixArtPipeline`); a LoRA student becomes LoRA weights that pipeline's `load_lora_weights` reads (with the
+adapter metadata, so `lora_alpha != r` survives) plus `scheduler/` holding its `t_init`. Both are
 written to a hidden `.final.partial` directory and moved into `output_dir` with their commit marker
 (`model_index.json`, or the LoRA weights file) last, so a kill never leaves a loadable-looking, incomplete model. The
 model card is filled from the template shipped inside the package (`diffusers_onestep/model_cards/`) with Hub metadata
@@ -29,9 +30,7 @@ from accelerate.logging import get_logger
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import _http
-from peft.utils import get_peft_model_state_dict
 
-from ..pipelines import OneStepPipeline
 from .errors import HubUploadError
 
 
@@ -104,53 +103,50 @@ def _commit_into(partial: str, output_dir: str, marker: str) -> None:
 def save_student(
     output_dir: str,
     *,
-    unet,
+    network=None,
     scheduler,
     teacher,
     adapter_name: str | None = None,
     teacher_name_or_path: str | None = None,
     revision: str | None = None,
     variant: str | None = None,
+    unet=None,
 ) -> None:
     r"""
     Saves the trained student in diffusers formats (main process only), atomically: into `output_dir/.final.partial`
     first, then moved into `output_dir` with the commit marker (`model_index.json` or
-    `pytorch_lora_weights.safetensors`) last.
+    `pytorch_lora_weights.safetensors`) last. The format is the backbone's student pipeline
+    (`TrainingBackbone.student_pipeline`: `OneStepPipeline`, `OneStepXLPipeline` or `OneStepPixArtPipeline`): a full
+    pipeline directory, or LoRA weights plus `scheduler/` that its `from_teacher(teacher, lora=output_dir)` loads.
 
     Args:
         output_dir (`str`): the destination.
-        unet (`UNet2DConditionModel`): the unwrapped student (full), or the UNet carrying the student adapter.
+        network (`UNet2DConditionModel` or `PixArtTransformer2DModel`): the unwrapped student (full), or the network
+            carrying the student adapter (`unet` is its older name).
         scheduler (`ConsistencyStudentScheduler`): the student's scheduler (holds `t_init` and `input_type`).
-        teacher (`TeacherComponents`): VAE, text encoder and tokenizer for a full pipeline.
+        teacher (`TeacherComponents`): the teacher pipeline, whose VAE, text encoders and tokenizers a full student
+            pipeline holds.
         adapter_name (`str`, *optional*): the student's LoRA adapter; `None` for a full student.
-        teacher_name_or_path, revision, variant: where to reload the VAE and text encoder in their stored precision
+        teacher_name_or_path, revision, variant: where to reload the VAE and text encoders in their stored precision
             when they were cast for training.
     """
+    from .backbones import build_student_pipeline
     from .setup import load_teacher
 
+    network = network if network is not None else unet
+    backbone = teacher.backbone
     os.makedirs(output_dir, exist_ok=True)
     partial = os.path.join(output_dir, _FINAL_PARTIAL)
     shutil.rmtree(partial, ignore_errors=True)
     if adapter_name is not None:
-        # PEFT-format keys, as `load_lora_weights` reads them (diffusers' `convert_state_dict_to_diffusers` would
-        # rename attention layers to the legacy `lora.down/up` format and leave conv layers as they are)
-        state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
-        OneStepPipeline.save_lora_weights(
-            partial,
-            unet_lora_layers={k: v.detach().float().contiguous() for k, v in state.items()},
-            unet_lora_adapter_metadata=unet.peft_config[adapter_name].to_dict(),
-            safe_serialization=True,
-        )
+        backbone.save_lora(partial, network, adapter_name, vae=teacher.vae, scheduler=scheduler)
         scheduler.save_pretrained(os.path.join(partial, "scheduler"))
         marker = "pytorch_lora_weights.safetensors"
     else:
-        vae, text_encoder = teacher.vae, teacher.text_encoder
-        if teacher_name_or_path is not None and vae.dtype != torch.float32:
-            stored = load_teacher(teacher_name_or_path, revision=revision, variant=variant, load_unet=False)
-            vae, text_encoder = stored.vae, stored.text_encoder
-        pipeline = OneStepPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=teacher.tokenizer, unet=unet, scheduler=scheduler
-        )
+        source = teacher.pipeline
+        if teacher_name_or_path is not None and teacher.vae.dtype != torch.float32:
+            source = load_teacher(teacher_name_or_path, revision=revision, variant=variant, load_network=False).pipeline
+        pipeline = build_student_pipeline(source, network, scheduler, backbone)
         pipeline.save_pretrained(partial, safe_serialization=True)
         marker = "model_index.json"
     _fsync_tree(partial)
@@ -189,6 +185,7 @@ def save_model_card(
     tags: list[str] | None = None,
     template: str | os.PathLike | None = None,
     secrets: list[str | None] | tuple = (),
+    pipeline_class: str = "OneStepPipeline",
 ) -> ModelCard:
     r"""
     Writes `output_dir/README.md` (atomically) from the model-card template (`diffusers_onestep/model_cards/
@@ -208,6 +205,8 @@ def save_model_card(
         template (`str`, *optional*): another jinja2 template.
         secrets (`list[str]`, *optional*): values masked wherever they appear (`mask_secrets`; `hf_...` tokens are
             always masked).
+        pipeline_class (`str`, defaults to `"OneStepPipeline"`): the student pipeline class the usage snippet loads
+            (`OneStepXLPipeline`, `OneStepPixArtPipeline` for those backbones).
 
     Returns:
         The `huggingface_hub.ModelCard`.
@@ -252,7 +251,10 @@ def save_model_card(
         validation_images=[os.path.relpath(p, output_dir) for p in validation_images or []],
         example_prompt=example_prompt,
     )
-    card = ModelCard(mask_secrets(str(card), secrets))
+    text = str(card)
+    if pipeline_class != "OneStepPipeline":  # the shipped template names the SD class
+        text = re.sub(r"\bOneStepPipeline\b", pipeline_class, text)
+    card = ModelCard(mask_secrets(text, secrets))
     path, partial = os.path.join(output_dir, "README.md"), os.path.join(output_dir, ".README.md.partial")
     card.save(partial)
     os.replace(partial, path)

@@ -1,11 +1,13 @@
 """Accelerator, teacher, student and fake-score setup shared by the distillation scripts.
 
-Memory layout (ARCHITECTURE.md rule 6): the fake score is always a LoRA adapter on the teacher's frozen UNet. A LoRA
-student is a second adapter on that **same** UNet, so teacher (adapters off), fake score and student share one frozen
+Memory layout (ARCHITECTURE.md rule 6): the fake score is always a LoRA adapter on the teacher's frozen network (a
+UNet, or a PixArt transformer). A LoRA student is a second adapter on that **same** network, so teacher (adapters off), fake score and student share one frozen
 copy of the base weights; a full student is a trainable float32 copy next to it. `AdapterView` switches adapters per
 call through peft's public layer API and keeps `requires_grad` of every trainable adapter as set up (peft's
 `set_adapter` alone would turn it off for the inactive one). The teacher is read in one place, `load_teacher`
-(`DiffusionPipeline.from_pretrained(..., use_safetensors=True)` through `pipelines.loading.load_pipeline`).
+(`DiffusionPipeline.from_pretrained(..., use_safetensors=True)` through `pipelines.loading.load_pipeline`); what
+differs per backbone (teacher classes, prompt encoding, LoRA injection, student pipeline) is one table,
+`training_utils.backbones.TRAINING_BACKBONES`.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
-from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPModel, CLIPTokenizer
 
+from ..models.backbones import backbone_for
+from .backbones import TrainingBackbone, check_teacher_class, teacher_class_name, training_backbone
 from .errors import TrainingArgumentError
 
 
@@ -40,6 +44,7 @@ __all__ = [
     "add_lora_adapter",
     "build_distillation_unets",
     "clip_embeddings",
+    "encode_prompts",
     "load_clip",
     "load_teacher",
     "make_optimizer",
@@ -92,13 +97,48 @@ def weight_dtype(accelerator: Accelerator) -> torch.dtype:
 
 @dataclass
 class TeacherComponents:
-    r"""The frozen parts of a Stable-Diffusion-like teacher (a UNet, a VAE, one CLIP text encoder)."""
+    r"""
+    A frozen teacher: the diffusers pipeline it was loaded as, its denoising network (a `UNet2DConditionModel` or a
+    `PixArtTransformer2DModel`), the training noise schedule and the backbone's training entry.
 
-    tokenizer: CLIPTokenizer
-    text_encoder: CLIPTextModel
-    vae: AutoencoderKL
-    unet: UNet2DConditionModel
+    Args:
+        pipeline (`DiffusionPipeline`): the teacher pipeline (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`,
+            `PixArtAlphaPipeline`, `PixArtSigmaPipeline`); its own `encode_prompt` gives the conditioning.
+        network (`torch.nn.Module`, *optional*): the teacher's UNet or transformer (`None` with `load_network=False`).
+        scheduler (`DDPMScheduler`): the training noise schedule.
+        backbone (`TrainingBackbone`): the backbone's row of `TRAINING_BACKBONES`.
+    """
+
+    pipeline: DiffusionPipeline
+    network: torch.nn.Module | None
     scheduler: DDPMScheduler
+    backbone: TrainingBackbone
+
+    @property
+    def unet(self) -> torch.nn.Module | None:
+        r"""The denoising network (a UNet, or PixArt's transformer); kept under its SD name for older callers."""
+        return self.network
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        return self.pipeline.vae
+
+    @property
+    def text_encoder(self):
+        return self.pipeline.text_encoder
+
+    @property
+    def tokenizer(self):
+        return self.pipeline.tokenizer
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def generation_kwargs(self, latent_shape: tuple[int, int, int]) -> dict:
+        r"""The student pipeline's call arguments for images of the trained `latent_shape` (validation)."""
+        height, width = (size * self.vae_scale_factor for size in latent_shape[1:])
+        return {"height": height, "width": width, **self.backbone.call_kwargs}
 
 
 def load_teacher(
@@ -108,72 +148,103 @@ def load_teacher(
     variant: str | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
-    load_unet: bool = True,
+    load_network: bool = True,
+    load_unet: bool | None = None,
 ) -> TeacherComponents:
     r"""
-    Loads a text-to-image teacher from a diffusers directory or Hub id with `DiffusionPipeline.from_pretrained(...,
-    use_safetensors=True)` (`pipelines.loading.load_pipeline`; no safety checker), frozen, in eval mode, on `device`.
-    The text encoder and VAE are loaded in `dtype` (the training dtype); the UNet in float32 so that a full student
-    copies exact weights (`build_distillation_unets` casts its frozen part). The pipeline's scheduler config becomes
-    a `DDPMScheduler` (the training noise schedule).
+    Loads a text-to-image teacher (SD 1.x / 2.x, SDXL, PixArt-α / Σ) from a diffusers directory or Hub id with
+    `DiffusionPipeline.from_pretrained(..., use_safetensors=True)` (`pipelines.loading.load_pipeline`; no safety
+    checker), frozen, in eval mode, on `device`. Any other pipeline class is refused before anything is loaded where
+    the path is local (its `model_index.json` is read first), with an error that names it and lists the supported
+    ones. Text encoders and VAE are loaded in `dtype` (the training dtype); the network (UNet or transformer) in
+    float32 so that a full student copies exact weights (`build_distillation_unets` casts its frozen part). The
+    pipeline's scheduler config becomes a `DDPMScheduler` (the training noise schedule).
 
     Args:
         pretrained_model_name_or_path (`str`): `--pretrained_teacher_model_name_or_path`.
         revision, variant (`str`, *optional*): of the teacher on the Hub.
-        dtype (`torch.dtype`): the dtype of the text encoder and VAE.
+        dtype (`torch.dtype`): the dtype of the text encoders and VAE.
         device: where the components go.
-        load_unet (`bool`, defaults to `True`): `False` reads everything but the UNet (`unet` is then `None`).
+        load_network (`bool`, defaults to `True`): `False` reads everything but the UNet / transformer (`network` is
+            then `None`). `load_unet` is its older name.
     """
     from ..pipelines.loading import load_pipeline
 
+    load_network = load_network if load_unet is None else load_unet
     flag = "--pretrained_teacher_model_name_or_path"
-    kwargs = {"revision": revision, "variant": variant, "dtype": {"unet": torch.float32, "default": dtype}}
-    if not load_unet:
-        kwargs["unet"] = None
+    class_name = teacher_class_name(pretrained_model_name_or_path, revision=revision)
+    backbone = check_teacher_class(class_name, flag) if class_name is not None else None
+    kwargs = {"revision": revision, "variant": variant, "dtype": {"unet": torch.float32, "transformer": torch.float32,
+                                                                  "default": dtype}}  # fmt: skip
+    if not load_network and backbone is not None:
+        kwargs[backbone.network_attribute] = None
     try:
         pipe = load_pipeline(pretrained_model_name_or_path, name=flag, **kwargs)
     except OSError as error:
         raise TrainingArgumentError(
             f"`{flag}`: could not load {pretrained_model_name_or_path!r} as a diffusers pipeline ({error})."
         ) from error
-    expected = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
-    for name, cls in expected.items():
-        component = getattr(pipe, name, None)
-        if name == "unet" and not load_unet:
-            continue
-        if not isinstance(component, cls):
+    backbone = check_teacher_class(type(pipe).__name__, flag)
+    network = getattr(pipe, backbone.network_attribute, None) if load_network else None
+    if load_network:
+        found = backbone_for(network).name if isinstance(network, torch.nn.Module) else None
+        if found != backbone.name:
             raise TrainingArgumentError(
-                f"`{flag}`: the teacher's `{name}` is a {type(component).__name__}; this script needs a "
-                "Stable-Diffusion-like teacher (UNet2DConditionModel, AutoencoderKL, CLIPTextModel)."
+                f"`{flag}`: the teacher is a {type(pipe).__name__} but its `{backbone.network_attribute}` is a "
+                f"{type(network).__name__} ({found or 'no known backbone'}); expected a {backbone.name} network."
             )
     teacher = TeacherComponents(
-        tokenizer=pipe.tokenizer,
-        text_encoder=pipe.text_encoder,
-        vae=pipe.vae,
-        unet=pipe.unet if load_unet else None,
-        scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        pipeline=pipe, network=network, scheduler=DDPMScheduler.from_config(pipe.scheduler.config), backbone=backbone
     )
-    for model in (teacher.text_encoder, teacher.vae, teacher.unet):
-        if model is not None:
+    for model in pipe.components.values():
+        if isinstance(model, torch.nn.Module):
             model.requires_grad_(False).eval().to(device=device)
+    if not load_network and getattr(pipe, backbone.network_attribute, None) is not None:
+        setattr(pipe, backbone.network_attribute, None)
     return teacher
+
+
+def encode_prompts(
+    teacher: TeacherComponents,
+    prompts: list[str],
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype | None = None,
+    resolution: int | None = None,
+    unconditional: bool = False,
+) -> dict:
+    r"""
+    The conditioning dict of `prompts` for every role (student, teacher, fake score), from the teacher pipeline's own
+    `encode_prompt` (`TrainingBackbone.encode`); with `unconditional=True`, the teacher's unconditional branch for
+    each row (what its CFG uses). Size conditions (SDXL `time_ids`, PixArt `resolution`) are those of `resolution`
+    (default: the network's sample size), as in `teacher_latent_shape`.
+
+    Returns:
+        `dict` of `(len(prompts), ...)` tensors (see `models.backbones`).
+    """
+    _, height, width = teacher_latent_shape(teacher, resolution)
+    image_size = (height * teacher.vae_scale_factor, width * teacher.vae_scale_factor)
+    return teacher.backbone.encode(
+        teacher.pipeline, prompts, device=device, dtype=dtype, image_size=image_size, unconditional=unconditional
+    )
 
 
 def teacher_latent_shape(teacher: TeacherComponents, resolution: int | None = None) -> tuple[int, int, int]:
     r"""
-    The student's latent shape `(channels, height, width)` at `resolution` (default: the UNet's sample size times the
-    VAE factor). Raises `TrainingArgumentError` when `--resolution` is <= 0 or not a multiple of the VAE factor times
-    the UNet's downsampling.
+    The student's latent shape `(channels, height, width)` at `resolution` (default: the network's sample size times
+    the VAE factor). Raises `TrainingArgumentError` when `--resolution` is <= 0 or not a multiple of the VAE factor
+    times the network's downsampling (a UNet's levels, a transformer's patch size).
     """
-    vae_factor = 2 ** (len(teacher.vae.config.block_out_channels) - 1)
-    multiple = vae_factor * 2 ** (len(teacher.unet.config.block_out_channels) - 1)
-    resolution = teacher.unet.config.sample_size * vae_factor if resolution is None else resolution
+    config = teacher.network.config
+    vae_factor = teacher.vae_scale_factor
+    multiple = vae_factor * teacher.backbone.downsampling(config)
+    resolution = config.sample_size * vae_factor if resolution is None else resolution
     if resolution <= 0 or resolution % multiple:
         raise TrainingArgumentError(
             f"`--resolution` must be a positive multiple of {multiple} for this teacher (VAE factor {vae_factor} x the "
-            f"UNet's downsampling {multiple // vae_factor}), got {resolution}."
+            f"network's downsampling {multiple // vae_factor}), got {resolution}."
         )
-    return teacher.unet.config.in_channels, resolution // vae_factor, resolution // vae_factor
+    return config.in_channels, resolution // vae_factor, resolution // vae_factor
 
 
 def _lora_target_names(unet: torch.nn.Module) -> list[str]:
@@ -186,7 +257,7 @@ def _lora_target_names(unet: torch.nn.Module) -> list[str]:
 
 
 def add_lora_adapter(
-    unet: UNet2DConditionModel,
+    unet: torch.nn.Module,
     *,
     adapter_name: str,
     rank: int,
@@ -195,11 +266,13 @@ def add_lora_adapter(
     argument_prefix: str | None = None,
 ) -> list[torch.nn.Parameter]:
     r"""
-    Adds a trainable LoRA adapter (`lora_B` zero-initialised, so the UNet is unchanged at first) and returns its
-    parameters; trainable parameters are cast to float32.
+    Adds a trainable LoRA adapter (`lora_B` zero-initialised, so the network is unchanged at first) and returns its
+    parameters; trainable parameters are cast to float32. The adapter is added the backbone's way
+    (`TrainingBackbone.inject_adapter`: diffusers' `add_adapter` on a UNet, `peft.inject_adapter_in_model` on a
+    PixArt transformer); several adapters share the network's one copy of the base weights.
 
     Args:
-        unet (`UNet2DConditionModel`): the UNet to adapt.
+        unet (`UNet2DConditionModel` or `PixArtTransformer2DModel`): the network to adapt.
         adapter_name (`str`): the adapter's name.
         rank, alpha (`int`): LoRA rank (>= 1) and alpha (defaults to the rank).
         target_modules (`str`): comma-separated module names (a name matches a module whose path ends with it).
@@ -215,13 +288,13 @@ def add_lora_adapter(
     unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in module_names)]
     if unknown:
         raise TrainingArgumentError(
-            f"`--{prefix}_target_modules`: {unknown} match no module of the UNet; its adaptable layers are named "
+            f"`--{prefix}_target_modules`: {unknown} match no module of the {type(unet).__name__}; its adaptable layers are named "
             f"{_lora_target_names(unet)}."
         )
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=targets)
     with warnings.catch_warnings():  # several adapters on one base is the point here (ARCHITECTURE.md rule 6)
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-        unet.add_adapter(config, adapter_name=adapter_name)
+        training_backbone(unet).inject_adapter(unet, config, adapter_name)
     params = [p for name, p in unet.named_parameters() if f".{adapter_name}." in name]
     for p in params:
         p.requires_grad_(True)
@@ -239,17 +312,18 @@ class AdapterView:
     Args:
         model (`torch.nn.Module`): what is called (the prepared module when gradients must sync under DDP).
         adapter_name (`str`, *optional*): the adapter to activate; `None` disables all adapters.
-        base (`UNet2DConditionModel`, *optional*): the unwrapped UNet (defaults to `model`).
+        base (`UNet2DConditionModel` or `PixArtTransformer2DModel`, *optional*): the unwrapped network (defaults to
+            `model`).
     """
 
-    def __init__(self, model, adapter_name: str | None, base: UNet2DConditionModel | None = None):
+    def __init__(self, model, adapter_name: str | None, base: torch.nn.Module | None = None):
         self.model, self.adapter_name, self.base = model, adapter_name, base if base is not None else model
         self.dtype = self.base.dtype
 
     def activate(self) -> None:
         r"""Makes this view's adapter state current on `base` (a no-op when it already is)."""
         base = self.base
-        if not getattr(base, "_hf_peft_config_loaded", False):
+        if not getattr(base, "peft_config", None):  # diffusers' add_adapter and peft's inject both set it
             return
         adapters = tuple(base.peft_config)
         cache = base.__dict__.get("_onestep_adapter_layers")
@@ -302,18 +376,18 @@ class AdapterView:
 @dataclass
 class DistillationUNets:
     r"""
-    The UNets of a student / teacher / fake-score run.
+    The networks of a student / teacher / fake-score run (UNets, or PixArt transformers: the name is historical).
 
     Args:
-        student (`UNet2DConditionModel`): the module holding the student's weights (the shared UNet for a LoRA
-            student).
-        teacher (`UNet2DConditionModel`): the frozen base, carrying the fake-score adapter (and the LoRA student).
+        student (`UNet2DConditionModel` or `PixArtTransformer2DModel`): the module holding the student's weights (the
+            shared network for a LoRA student).
+        teacher (same class): the frozen base, carrying the fake-score adapter (and the LoRA student).
         student_parameters, fake_score_parameters (`list`): the trainable parameters of each role.
         shared (`bool`): whether student and teacher are one module (LoRA student).
     """
 
-    student: UNet2DConditionModel
-    teacher: UNet2DConditionModel
+    student: torch.nn.Module
+    teacher: torch.nn.Module
     student_parameters: list
     fake_score_parameters: list
     shared: bool
@@ -324,7 +398,7 @@ class DistillationUNets:
 
 
 def build_distillation_unets(
-    teacher_unet: UNet2DConditionModel,
+    teacher_unet: torch.nn.Module,
     *,
     student_lora_rank: int = 0,
     student_lora_alpha: int | None = None,

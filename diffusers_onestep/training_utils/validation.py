@@ -25,11 +25,15 @@ def log_validation(
     seed: int | None = None,
     num_images_per_prompt: int = 2,
     tag: str = "validation",
+    **call_kwargs,
 ) -> tuple[list[PIL.Image.Image], str]:
     r"""
     Renders `num_images_per_prompt` images per prompt with `pipeline` (one step) from a generator seeded by `seed`,
     saves the grid (one row per prompt) to `output_dir/validation/step-{step}.png` and logs the images to every
-    tracker (TensorBoard images, W&B `Image`s with captions). Call on the main process.
+    tracker (TensorBoard images, W&B `Image`s with captions). Call on the main process. Works for every student
+    pipeline (`OneStepPipeline`, `OneStepXLPipeline`, `OneStepPixArtPipeline`): each encodes the prompts with its
+    backbone's own `encode_prompt`; `call_kwargs` (e.g. `TeacherComponents.generation_kwargs`: the trained size,
+    PixArt's `use_resolution_binning=False`) go to the pipeline call.
 
     Returns:
         `(images, grid_path)`.
@@ -38,7 +42,7 @@ def log_validation(
     images = []
     for prompt in prompts:
         images += pipeline(
-            prompt, num_images_per_prompt=num_images_per_prompt, generator=generator, output_type="pil"
+            prompt, num_images_per_prompt=num_images_per_prompt, generator=generator, output_type="pil", **call_kwargs
         ).images
     grid = make_image_grid(images, rows=len(prompts), cols=num_images_per_prompt)
     path = os.path.join(output_dir, "validation", f"step-{step:06d}.png")

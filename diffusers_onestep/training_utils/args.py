@@ -90,6 +90,20 @@ PRESETS: dict[str, dict] = {
         "pretrained_teacher_model_name_or_path": "stabilityai/stable-diffusion-2-1-base",
         "fixed_guidance_scale": 4.5,
     },
+    # SDXL: SNOOPI reports no SDXL run. The teacher id is SDXL's usual base (1024 px, the default resolution follows
+    # the teacher); k ~ U(0.5, 4) is the SD range carried over and the batch size is cut to fit 1024 px (*unverified*).
+    "sdxl-pgsb": {
+        **_PGSB,
+        "pretrained_teacher_model_name_or_path": "stabilityai/stable-diffusion-xl-base-1.0",
+        "train_batch_size": 4,
+    },
+    # PixArt-α 512 px: k ~ U(0.5, 3) is SNOOPI's PixArt range (METHODS.md section 2); the rest is the SD recipe
+    # (*unverified* for PixArt: batch size, steps, learning rates, LoRA rank / alpha on the DiT's to_q/k/v/out.0).
+    "pixart-pgsb": {
+        **_PGSB,
+        "pretrained_teacher_model_name_or_path": "PixArt-alpha/PixArt-XL-2-512x512",
+        "guidance_scale_max": 3.0,
+    },
 }
 
 _CHECK = "onestep_check"  # field-metadata key of `arg`'s checks (removed before argparse sees the metadata)
@@ -153,16 +167,17 @@ class TrainingArguments:
     variant: str | None = arg(None, "Weight variant of the teacher, e.g. 'fp16'.")
     student_lora_rank: int = arg(0, "0: train a full copy of the UNet; >0: train a LoRA adapter of this rank.", low=0)
     student_lora_alpha: int | None = arg(None, "LoRA alpha of the student (defaults to its rank).", low=1)
-    student_lora_target_modules: str = arg(
-        "to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,conv1,conv2,conv_shortcut,time_emb_proj",
-        "Comma-separated module names the student LoRA adapts.",
+    student_lora_target_modules: str | None = arg(
+        None,
+        "Comma-separated module names the student LoRA adapts (default: the backbone's, e.g. for a UNet "
+        "'to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,conv1,conv2,conv_shortcut,time_emb_proj').",
     )
     t_init: int = arg(999, "The student's conditioning timestep (999 SwiftBrush, 625 SiD-LSG).", low=0, high=999)
     input_type: Literal["noise", "scaled_noise"] = arg("noise", "Student input: z ('noise') or s_t_init z.")
     resolution: int | None = arg(
         None,
-        "Image size (> 0, a multiple of the VAE factor times the UNet's downsampling); defaults to the teacher UNet's "
-        "sample size times the VAE factor.",
+        "Image size (> 0, a multiple of the VAE factor times the network's downsampling: a UNet's levels, a DiT's patch "
+        "size); defaults to the teacher network's sample size times the VAE factor.",
         low=1,
     )
     # data: exactly one prompt source
@@ -415,19 +430,27 @@ def _check_local_teacher(args: TrainingArguments) -> None:
     from ..pipelines.loading import check_safetensors_only
 
     check_safetensors_only(path, flag)
-    if _read_json(os.path.join(path, "model_index.json")) is None:
+    index = _read_json(os.path.join(path, "model_index.json"))
+    if index is None:
         raise TrainingArgumentError(
             f"`{flag}` {path!r} is not a diffusers pipeline directory (no model_index.json): pass the directory "
             "written by `save_pretrained` or a Hub id."
         )
-    vae, unet = _read_json(os.path.join(path, "vae", "config.json")), _read_json(os.path.join(path, "unet", "config.json"))
-    if args.resolution is not None and vae is not None and unet is not None:
+    from .backbones import check_teacher_class
+
+    backbone = check_teacher_class(index.get("_class_name"), flag)  # SD, SDXL, PixArt; anything else named and refused
+    vae = _read_json(os.path.join(path, "vae", "config.json"))
+    network = _read_json(os.path.join(path, backbone.network_attribute, "config.json"))
+    if args.resolution is not None and vae is not None and network is not None:
         vae_factor = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
-        multiple = vae_factor * 2 ** (len(unet.get("block_out_channels", [0])) - 1)
+        try:
+            multiple = vae_factor * backbone.downsampling(network)
+        except (KeyError, TypeError):
+            return  # an unusual config: `teacher_latent_shape` checks the loaded network
         if args.resolution % multiple:
             raise TrainingArgumentError(
                 f"`--resolution` must be a multiple of {multiple} for this teacher (VAE factor {vae_factor} x the "
-                f"UNet's downsampling {multiple // vae_factor}), got {args.resolution}."
+                f"network's downsampling {multiple // vae_factor}), got {args.resolution}."
             )
 
 

@@ -53,6 +53,7 @@ class TrainingBackbone:
         encode (`Callable`): `encode(pipe, prompts, device=, dtype=, image_size=, unconditional=)` -> conditioning dict.
         inject_adapter (`Callable`): `inject_adapter(network, lora_config, adapter_name)`.
         downsampling (`Callable`): the network config -> its spatial downsampling (latent pixels per token / cell).
+        student_lora_target_modules (`str`): the student LoRA's default target modules (`--student_lora_target_modules`).
         call_kwargs (`dict`): extra arguments of the student pipeline's call at the trained size (validation).
     """
 
@@ -62,6 +63,7 @@ class TrainingBackbone:
     encode: Callable[..., dict]
     inject_adapter: Callable[[torch.nn.Module, LoraConfig, str], None]
     downsampling: Callable[[dict], int]
+    student_lora_target_modules: str
     call_kwargs: dict = field(default_factory=dict)
 
     @property
@@ -147,16 +149,21 @@ def _patch_size(config) -> int:
     return config["patch_size"]
 
 
+# a UNet student's LoRA: attention, its projections, feed-forward and the resnets (diffusers' LCM-LoRA choice)
+_UNET_LORA = "to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,conv1,conv2,conv_shortcut,time_emb_proj"
+# a DiT student's LoRA: self- and cross-attention and the feed-forward of every block (*unverified* for PixArt)
+_DIT_LORA = "to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2"
+
 TRAINING_BACKBONES: dict[str, TrainingBackbone] = {
     entry.name: entry
     for entry in (
         TrainingBackbone("sd", ("StableDiffusionPipeline",), OneStepPipeline, _encode_sd, _add_unet_adapter,
-                         _unet_downsampling),
+                         _unet_downsampling, _UNET_LORA),
         TrainingBackbone("sdxl", ("StableDiffusionXLPipeline",), OneStepXLPipeline, _encode_sdxl, _add_unet_adapter,
-                         _unet_downsampling),
+                         _unet_downsampling, _UNET_LORA),
         # validation generates at the trained size: no resizing through PixArt's aspect-ratio bins
         TrainingBackbone("pixart", ("PixArtAlphaPipeline", "PixArtSigmaPipeline"), OneStepPixArtPipeline,
-                         _encode_pixart, _inject_adapter, _patch_size, {"use_resolution_binning": False}),
+                         _encode_pixart, _inject_adapter, _patch_size, _DIT_LORA, {"use_resolution_binning": False}),
     )
 }  # fmt: skip
 # teacher pipeline class -> backbone name

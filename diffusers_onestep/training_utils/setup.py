@@ -250,6 +250,8 @@ def teacher_latent_shape(teacher: TeacherComponents, resolution: int | None = No
 def _lora_target_names(unet: torch.nn.Module) -> list[str]:
     names = set()
     for name, module in unet.named_modules():
+        if "lora_" in name or "base_layer" in name:
+            continue
         if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and not isinstance(module, BaseTunerLayer):
             parts = name.split(".")
             names.add(".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1])
@@ -402,7 +404,7 @@ def build_distillation_unets(
     *,
     student_lora_rank: int = 0,
     student_lora_alpha: int | None = None,
-    student_lora_target_modules: str = "to_q,to_k,to_v,to_out.0",
+    student_lora_target_modules: str | None = "to_q,to_k,to_v,to_out.0",
     fake_score_lora_rank: int = 64,
     fake_score_lora_alpha: int | None = 128,
     fake_score_lora_target_modules: str = "to_q,to_k,to_v,to_out.0",
@@ -412,7 +414,8 @@ def build_distillation_unets(
     r"""
     Builds the student (full float32 copy when `student_lora_rank == 0`, else a LoRA adapter on `teacher_unet`) and
     the fake score (a LoRA adapter on `teacher_unet`), then casts the frozen base to `dtype`. Trainable parameters
-    stay float32 (mixed precision runs them under autocast).
+    stay float32 (mixed precision runs them under autocast). `teacher_unet` is a UNet or a PixArt transformer;
+    `student_lora_target_modules=None` takes the backbone's default (`TrainingBackbone.student_lora_target_modules`).
     """
     student = None
     if student_lora_rank == 0:
@@ -430,7 +433,7 @@ def build_distillation_unets(
             adapter_name=STUDENT_ADAPTER,
             rank=student_lora_rank,
             alpha=student_lora_alpha,
-            target_modules=student_lora_target_modules,
+            target_modules=student_lora_target_modules or training_backbone(teacher_unet).student_lora_target_modules,
         )
         for p in fake_params:  # add_adapter's set_adapter froze the first adapter
             p.requires_grad_(True)

@@ -279,3 +279,48 @@ def test_pixart_lora_student_under_accelerate_launch_on_two_cpu_ranks(teacher_di
     pipe = OneStepPixArtPipeline.from_teacher(teacher_dirs["pixart"], lora=str(out))
     pipe.set_progress_bar_config(disable=True)
     assert torch.isfinite(_sample(pipe)).all()
+
+
+_FSDP_CONFIG = """compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+fsdp_config:
+  fsdp_auto_wrap_policy: NO_WRAP
+  fsdp_sharding_strategy: FULL_SHARD
+  fsdp_state_dict_type: FULL_STATE_DICT
+  fsdp_use_orig_params: true
+  fsdp_sync_module_states: false
+  fsdp_cpu_ram_efficient_loading: false
+  fsdp_offload_params: false
+  fsdp_version: 1
+machine_rank: 0
+mixed_precision: 'no'
+num_machines: 1
+num_processes: 2
+use_cpu: {use_cpu}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("use_cpu", [True, False], ids=["cpu-ranks", "no-process-group"])
+def test_fsdp_config_on_two_cpu_ranks(use_cpu, teacher_dirs, prompts_file, tmp_path):
+    """accelerate enables FSDP only on accelerators: on CPU ranks the FSDP config runs as DDP over gloo (and says so);
+    without `use_cpu` the two processes would share no process group, which the script refuses."""
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(_FSDP_CONFIG.format(use_cpu=str(use_cpu).lower()))
+    out = tmp_path / "fsdp"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", f"--config_file={config}",
+        f"--main_process_port={_free_port()}", str(SCRIPT),
+        *_argv(teacher_dirs["sdxl"], prompts_file, out, "--max_train_steps=2"),
+    ]  # fmt: skip
+    env = {**SUBPROCESS_ENV, **({"ACCELERATE_USE_CPU": "1"} if use_cpu else {})}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    if use_cpu:
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "The FSDP config was ignored" in result.stderr and "MULTI_CPU" in result.stderr
+        pipe = OneStepXLPipeline.from_pretrained(out)
+        pipe.set_progress_bar_config(disable=True)
+        assert torch.isfinite(_sample(pipe)).all()
+    else:
+        assert result.returncode != 0
+        assert "set up no process group" in result.stderr and not (out / "model_index.json").exists()

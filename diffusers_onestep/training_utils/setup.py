@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -77,6 +78,7 @@ def setup_accelerator(args, *, find_unused_parameters: bool = False) -> Accelera
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
+    _check_distributed_setup(accelerator)
     if accelerator.is_local_main_process:
         transformers.utils.logging.set_verbosity_warning()
         diffusers.utils.logging.set_verbosity_info()
@@ -88,6 +90,27 @@ def setup_accelerator(args, *, find_unused_parameters: bool = False) -> Accelera
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     return accelerator
+
+
+def _check_distributed_setup(accelerator: Accelerator) -> None:
+    """Refuses launched ranks that share no process group; says when accelerate ignored an FSDP config."""
+    import accelerate
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world_size > 1 and accelerator.num_processes == 1:
+        # e.g. an FSDP or multi-GPU config without `use_cpu` on a machine without GPUs: every rank would train alone
+        # and all of them would write `--output_dir`
+        raise TrainingArgumentError(
+            f"`accelerate launch` started {world_size} processes, but accelerate {accelerate.__version__} set up no "
+            f"process group ({accelerator.distributed_type}): on CPUs launch with `ACCELERATE_USE_CPU=1` (or "
+            "`use_cpu: true` in the config) and `--multi_gpu`, which gives DDP over gloo."
+        )
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and accelerator.distributed_type.value != "FSDP":
+        logger.warning(
+            f"The FSDP config was ignored: accelerate {accelerate.__version__} enables FSDP only on accelerators "
+            f"(GPU, NPU, XPU, ...), and this run is {accelerator.distributed_type} (plain data parallel: each rank "
+            "holds the whole model)."
+        )
 
 
 def weight_dtype(accelerator: Accelerator) -> torch.dtype:

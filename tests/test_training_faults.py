@@ -14,15 +14,22 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_scripts import SCRIPTS, SUBPROCESS_ENV, load_script
+from training_scripts import SCRIPTS, SUBPROCESS_ENV, TeacherDirs, load_script
 
-from diffusers_onestep import OneStepPipeline
 from diffusers_onestep.training_utils import NonFiniteError, list_checkpoints
 
 
 PROMPTS = ["a photo of a cat", "a photo of a dog", "the digit seven", "a handwritten digit", "a pet"]
 FAKE_TOKEN = "hf_FAKEtoken0123456789abcdefXYZ"
-cases = pytest.mark.parametrize("case", SCRIPTS, ids=[case.name for case in SCRIPTS])
+cases = pytest.mark.parametrize(
+    "case", [pytest.param(case, id=case.id, marks=[pytest.mark.slow] if case.slow else []) for case in SCRIPTS]
+)
+
+
+@pytest.fixture(scope="session")
+def teacher_dirs(tiny_teacher_dir, tmp_path_factory):
+    """Tiny teachers by backbone (SD: the shared `tiny_teacher_dir`; SDXL and PixArt saved on first use)."""
+    return TeacherDirs(tmp_path_factory.mktemp("backbone-teachers"), sd=tiny_teacher_dir)
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +39,8 @@ def prompts_file(tmp_path_factory):
     return str(path)
 
 
-def _weights(output_dir) -> dict:
-    return load_file(os.path.join(output_dir, "unet", "diffusion_pytorch_model.safetensors"))
+def _weights(case, output_dir) -> dict:
+    return load_file(os.path.join(output_dir, case.network, "diffusion_pytorch_model.safetensors"))
 
 
 def _assert_same_weights(actual: dict, expected: dict) -> None:
@@ -58,7 +65,7 @@ def _run_killed_at(case, argv, marker: str, cwd):
         loop.save_file = killing_save_file
         sys.path.insert(0, {str(os.path.dirname(__file__))!r})
         from training_scripts import SCRIPTS, load_script
-        case = next(c for c in SCRIPTS if c.name == {case.name!r})
+        case = next(c for c in SCRIPTS if c.id == {case.id!r})
         load_script(case).main({argv!r})
         """
     )
@@ -74,9 +81,9 @@ def _count_steps(case, monkeypatch) -> list:
 
 @cases
 def test_resume_after_kill_during_checkpoint_save_matches_uninterrupted_run(
-    case, tiny_teacher_dir, prompts_file, tmp_path, monkeypatch
+    case, teacher_dirs, prompts_file, tmp_path, monkeypatch
 ):
-    script = load_script(case)
+    script, tiny_teacher_dir = load_script(case), teacher_dirs[case.backbone]
     common = ["--max_train_steps=4", "--checkpointing_steps=2", "--use_ema", "--lr_scheduler=linear"]
     script.main(case.argv(tiny_teacher_dir, prompts_file, tmp_path / "straight", *common))
 
@@ -93,17 +100,17 @@ def test_resume_after_kill_during_checkpoint_save_matches_uninterrupted_run(
     script.main(argv + ["--resume_from_checkpoint=latest"])
     assert len(calls) == 2  # steps 3 and 4 only: the run continued from checkpoint-2
     assert not (killed / ".checkpoint-4.partial").exists()
-    _assert_same_weights(_weights(killed), _weights(tmp_path / "straight"))
+    _assert_same_weights(_weights(case, killed), _weights(case, tmp_path / "straight"))
 
 
 @cases
 def test_kill_during_final_save_leaves_no_loadable_half_model_and_resume_completes(
-    case, tiny_teacher_dir, prompts_file, tmp_path, monkeypatch
+    case, teacher_dirs, prompts_file, tmp_path, monkeypatch
 ):
-    script = load_script(case)
+    script, tiny_teacher_dir = load_script(case), teacher_dirs[case.backbone]
     common = ["--max_train_steps=2", "--checkpointing_steps=2"]
     script.main(case.argv(tiny_teacher_dir, prompts_file, tmp_path / "straight", *common))
-    expected = _weights(tmp_path / "straight")
+    expected = _weights(case, tmp_path / "straight")
     # the run dies after the first file of the final save (an exception where a kill would be: the save has no
     # cleanup, so the disk is left as a SIGKILL leaves it)
     import diffusers.models.modeling_utils as modeling_utils
@@ -135,8 +142,8 @@ def test_kill_during_final_save_leaves_no_loadable_half_model_and_resume_complet
     calls = _count_steps(case, monkeypatch)
     script.main(argv + ["--resume_from_checkpoint=latest"])
     assert calls == [] and not (out / ".final.partial").exists()  # nothing left to train: only the save ran
-    _assert_same_weights(_weights(out), expected)
-    assert isinstance(OneStepPipeline.from_pretrained(out), OneStepPipeline)
+    _assert_same_weights(_weights(case, out), expected)
+    assert isinstance(case.pipeline_class.from_pretrained(out), case.pipeline_class)
 
 
 def _nan_from_step(case, monkeypatch, first_nan_call: int):
@@ -157,16 +164,16 @@ def _nan_from_step(case, monkeypatch, first_nan_call: int):
 
 @cases
 def test_nan_stops_or_skips_within_the_bound_and_never_reaches_the_card(
-    case, tiny_teacher_dir, prompts_file, tmp_path, monkeypatch
+    case, teacher_dirs, prompts_file, tmp_path, monkeypatch
 ):
-    script = load_script(case)
+    script, tiny_teacher_dir = load_script(case), teacher_dirs[case.backbone]
     calls = _nan_from_step(case, monkeypatch, first_nan_call=2)
     out = tmp_path / "raise"
     with pytest.raises(NonFiniteError, match="optimizer step 1.*--nan_policy skip"):
         script.main(case.argv(tiny_teacher_dir, prompts_file, out, "--max_train_steps=3", "--checkpointing_steps=1"))
     assert [os.path.basename(p) for p in list_checkpoints(out)] == ["checkpoint-1"]
     assert all(torch.isfinite(t).all() for t in load_file(out / "checkpoint-1" / "trainable_0.safetensors").values())
-    assert not (out / "unet").exists()
+    assert not (out / case.network).exists()
 
     # every step from the second on fails: 2 skips are tolerated, the third stops the run, nothing is saved
     calls.clear()
@@ -180,7 +187,7 @@ def test_nan_stops_or_skips_within_the_bound_and_never_reaches_the_card(
     calls.clear()
     out = tmp_path / "skip"
     script.main(case.argv(tiny_teacher_dir, prompts_file, out, "--max_train_steps=3", *skip))
-    assert all(torch.isfinite(t).all() for t in _weights(out).values())
+    assert all(torch.isfinite(t).all() for t in _weights(case, out).values())
     card = (out / "README.md").read_text()
     assert "| n/a |" in card and "| nan |" not in card and "| inf |" not in card
 
@@ -233,9 +240,10 @@ def _files_containing(path, needle: str) -> list[str]:
 
 @cases
 def test_unreachable_hub_fails_in_bounded_time_with_one_line_and_leaks_no_token(
-    case, tiny_teacher_dir, prompts_file, tmp_path
+    case, teacher_dirs, prompts_file, tmp_path
 ):
     """A real run (subprocess) whose HF_ENDPOINT accepts connections and never answers; the token comes from HF_TOKEN."""
+    tiny_teacher_dir = teacher_dirs[case.backbone]
     port, stop, thread, held = _hanging_server(deadline_s=120)
     out = tmp_path / "hub"
     argv = case.argv(tiny_teacher_dir, prompts_file, out, "--max_train_steps=1", "--push_to_hub")
@@ -262,7 +270,7 @@ def test_unreachable_hub_fails_in_bounded_time_with_one_line_and_leaks_no_token(
     # the saved model is complete and loads; nothing of the run holds the token
     assert (out / "model_index.json").is_file() and not (out / ".final.partial").exists()
     digest = _tree_digest(out)
-    assert isinstance(OneStepPipeline.from_pretrained(out), OneStepPipeline)
+    assert isinstance(case.pipeline_class.from_pretrained(out), case.pipeline_class)
     assert _tree_digest(out) == digest
     assert FAKE_TOKEN not in result.stdout + result.stderr
     assert _files_containing(tmp_path, FAKE_TOKEN) == []
@@ -270,11 +278,12 @@ def test_unreachable_hub_fails_in_bounded_time_with_one_line_and_leaks_no_token(
 
 @pytest.mark.slow
 @cases
-def test_failed_accelerate_launch_prints_no_token_given_through_hf_token(case, tiny_teacher_dir, prompts_file, tmp_path):
+def test_failed_accelerate_launch_prints_no_token_given_through_hf_token(case, teacher_dirs, prompts_file, tmp_path):
     """
     `accelerate launch` prints the failed command (argv included) when a run fails; the child cannot prevent that, so
     the token must come from HF_TOKEN / `hf auth login`, and `--hub_token` on the command line is warned about.
     """
+    tiny_teacher_dir = teacher_dirs[case.backbone]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes=1", "--num_machines=1"]
     launch += ["--mixed_precision=no", "--dynamo_backend=no"]
     # fails after argument parsing: 6 is not a multiple of the tiny teacher's 4

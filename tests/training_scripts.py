@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-__all__ = ["REPO", "SCRIPTS", "SUBPROCESS_ENV", "ScriptCase", "load_script"]
+__all__ = ["REPO", "SCRIPTS", "SUBPROCESS_ENV", "ScriptCase", "TeacherDirs", "load_script", "save_tiny_teacher"]
 
 REPO = Path(__file__).resolve().parents[1]
 # subprocesses: one thread, as conftest.py sets in-process (two OpenMP threads make tiny models much slower)
@@ -27,11 +27,31 @@ class ScriptCase:
         flags (`list[str]`): the script's own flags for a fast tiny run (shared flags are added by `argv`).
         loss (`tuple[str, str, str]`): `(module, class, method)` of the student's loss, patched to count steps and to
             inject NaN (the method returns `(loss, logs)`).
+        backbone (`str`, defaults to `"sd"`): the tiny teacher's backbone (`"sd"`, `"sdxl"`, `"pixart"`).
+        slow (`bool`): run only with `-m slow` (the extra backbones of a script already covered on SD).
     """
 
     name: str
     flags: list[str] = field(default_factory=list)
     loss: tuple[str, str, str] = ("", "", "")
+    backbone: str = "sd"
+    slow: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.name if self.backbone == "sd" else f"{self.name}[{self.backbone}]"
+
+    @property
+    def network(self) -> str:
+        r"""The student network's folder in a saved full student (`unet` or `transformer`)."""
+        return "transformer" if self.backbone == "pixart" else "unet"
+
+    @property
+    def pipeline_class(self):
+        import diffusers_onestep
+
+        name = {"sd": "OneStepPipeline", "sdxl": "OneStepXLPipeline", "pixart": "OneStepPixArtPipeline"}[self.backbone]
+        return getattr(diffusers_onestep, name)
 
     @property
     def path(self) -> Path:
@@ -56,13 +76,42 @@ class ScriptCase:
         return getattr(importlib.import_module(module), cls)
 
 
+_PGSB = {
+    "flags": ["--fake_score_lora_rank=4", "--fake_score_lora_alpha=8"],
+    "loss": ("diffusers_onestep.losses", "PGSwiftBrushLoss", "generator_loss"),
+}
 SCRIPTS = [
-    ScriptCase(
-        "train_pg_swiftbrush",
-        flags=["--fake_score_lora_rank=4", "--fake_score_lora_alpha=8"],
-        loss=("diffusers_onestep.losses", "PGSwiftBrushLoss", "generator_loss"),
-    ),
+    ScriptCase("train_pg_swiftbrush", **_PGSB),
+    ScriptCase("train_pg_swiftbrush", **_PGSB, backbone="sdxl", slow=True),
+    ScriptCase("train_pg_swiftbrush", **_PGSB, backbone="pixart", slow=True),
 ]
+
+
+def save_tiny_teacher(backbone: str, path) -> str:
+    r"""Saves the tiny teacher of `backbone` as a real diffusers pipeline directory at `path`; returns the path."""
+    from diffusers import PixArtAlphaPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from diffusers_onestep import testing_utils
+
+    pipe = {
+        "sd": lambda: StableDiffusionPipeline(**testing_utils.get_dummy_teacher_components()),
+        "sdxl": lambda: StableDiffusionXLPipeline(**testing_utils.get_dummy_sdxl_components()),
+        "pixart": lambda: PixArtAlphaPipeline(**testing_utils.get_dummy_pixart_components()),
+    }[backbone]()
+    pipe.save_pretrained(path, safe_serialization=True)
+    return str(path)
+
+
+class TeacherDirs(dict):
+    r"""Tiny teacher directories by backbone, saved on first use under `root` (`"sd"` may be given up front)."""
+
+    def __init__(self, root, **given):
+        super().__init__(given)
+        self.root = root
+
+    def __missing__(self, backbone: str) -> str:
+        self[backbone] = save_tiny_teacher(backbone, os.path.join(str(self.root), backbone))
+        return self[backbone]
 
 
 def load_script(case: ScriptCase):

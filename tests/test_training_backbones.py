@@ -324,3 +324,26 @@ def test_fsdp_config_on_two_cpu_ranks(use_cpu, teacher_dirs, prompts_file, tmp_p
     else:
         assert result.returncode != 0
         assert "set up no process group" in result.stderr and not (out / "model_index.json").exists()
+
+
+def test_backbone_presets(script, teacher_dirs, prompts_file, tmp_path):
+    from diffusers_onestep.training_utils import PRESETS, TrainingArguments, parse_args
+
+    assert PRESETS["sdxl-pgsb"]["pretrained_teacher_model_name_or_path"] == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert PRESETS["pixart-pgsb"]["pretrained_teacher_model_name_or_path"] == "PixArt-alpha/PixArt-XL-2-512x512"
+    argv = ["--preset=pixart-pgsb", f"--pretrained_teacher_model_name_or_path={teacher_dirs['pixart']}"]
+    argv += [f"--train_prompts={prompts_file}", f"--output_dir={tmp_path}"]
+    args, pg = parse_args((TrainingArguments, script.PGSwiftBrushArguments), argv)
+    assert (pg.guidance_scale_min, pg.guidance_scale_max) == (0.5, 3.0)  # SNOOPI's PixArt range
+    assert args.pretrained_teacher_model_name_or_path == teacher_dirs["pixart"]  # an explicit flag wins
+
+
+@pytest.mark.parametrize("backbone", ["sdxl", "pixart"])
+def test_teacher_is_frozen_in_the_training_dtype(backbone, teacher_dirs):
+    teacher = load_teacher(teacher_dirs[backbone], dtype=torch.bfloat16)
+    assert teacher.vae.dtype == torch.bfloat16 and teacher.text_encoder.dtype == torch.bfloat16
+    assert teacher.network.dtype == torch.float32  # a full student copies exact weights; the frozen base is cast later
+    modules = [m for m in teacher.pipeline.components.values() if isinstance(m, torch.nn.Module)]
+    assert not any(p.requires_grad for m in modules for p in m.parameters())
+    cond = encode_prompts(teacher, ["a pet"], device="cpu", dtype=torch.bfloat16)
+    assert cond["encoder_hidden_states"].dtype == torch.bfloat16

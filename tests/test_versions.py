@@ -1,12 +1,14 @@
-"""The declared dependency ranges hold, and text-encoder LoRA works under them (issue 8, item 10).
+"""The declared dependency ranges hold, and what they guard works under them (issue 8, item 10).
 
 transformers' PEFT integration raises "The version of PEFT you are using is not compatible" from `add_adapter`,
 `set_adapter`, `active_adapters`, `get_adapter_state_dict`, ... unless peft >= its `MIN_PEFT_VERSION` (0.22 from
-transformers 5.24 on, while the newest peft on PyPI is 0.21.2). pyproject.toml caps transformers below 5.24; these
-tests fail if the installed combination leaves the declared ranges or the cap stops being enough.
+transformers 5.24 on, while the newest peft on PyPI is 0.21.2), so pyproject.toml caps transformers below 5.24. Its
+floor keeps the shipped checkpoints' text encoder loading whole. These tests fail if the installed combination leaves
+the declared ranges or the ranges stop being enough.
 """
 
 import copy
+import os
 from importlib.metadata import requires, version
 
 import numpy as np
@@ -47,6 +49,21 @@ def test_declared_peft_floor_meets_transformers_peft_floor():
     peft_floor = min(Version(s.version) for s in _declared()["peft"].specifier if s.operator in (">=", "=="))
     assert peft_floor >= minimum, f"transformers {version('transformers')} wants peft >= {minimum}"
     assert Version(version("peft")) >= minimum
+
+
+def test_shipped_text_encoder_loads_every_weight():
+    """transformers < 5.6 names CLIPTextModel's weights `text_model.*`: the shipped (flattened) checkpoint would load
+    into a randomly initialised text encoder with a warning, not an error."""
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "digits",
+                        "checkpoints", "teacher", "text_encoder")  # fmt: skip
+    saved = load_file(os.path.join(path, "model.safetensors"))
+    loaded = CLIPTextModel.from_pretrained(path, use_safetensors=True).state_dict()
+    assert set(saved) <= set(loaded), sorted(set(saved) - set(loaded))[:5]
+    for name, tensor in saved.items():
+        torch.testing.assert_close(loaded[name].to(tensor.dtype), tensor, atol=0, rtol=0, msg=name)
 
 
 def _tiny(pipeline_class):

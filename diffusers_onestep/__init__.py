@@ -8,6 +8,7 @@ Every component is imported eagerly: diffusers resolves our entries of a `model_
 
 __version__ = "0.1.0.dev0"
 
+from . import _logging  # noqa: F401  (first: before anything imports diffusers)
 from .attention import NASAAttnProcessor, nasa_attention
 from .pipelines import (
     AdaptiveCollabPipeline,

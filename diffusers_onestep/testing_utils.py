@@ -106,17 +106,7 @@ def get_dummy_components(
         norm_num_groups=2,
         attention_head_dim=2,
     )
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=(4, 8),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=latent_channels,
-        norm_num_groups=2,
-        sample_size=sample_size,
-    )
+    vae = _tiny_vae(seed, sample_size, latent_channels)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(

@@ -331,3 +331,17 @@ def test_model_card_writes_n_a_for_non_finite_metrics_and_picks_the_device_at_ru
     namespace = {}
     exec(compile(snippet, "model_card_snippet", "exec"), namespace)
     assert namespace["device"] in ("cpu", "cuda", "mps") and namespace["image"].size == (16, 16)
+
+
+def test_model_card_names_the_backbone_pipeline_and_network(tmp_path):
+    from diffusers_onestep.training_utils import save_model_card
+
+    for pipeline_class, network in (("OneStepPixArtPipeline", "transformer"), ("OneStepXLPipeline", "UNet")):
+        save_model_card(
+            str(tmp_path), base_model="org/teacher", method_name="m", paper="p", script="s.py", command="c",
+            metrics={}, hyperparameters={}, t_init=999, input_type="noise", lora_rank=4, pipeline_class=pipeline_class,
+        )  # fmt: skip
+        text = (tmp_path / "README.md").read_text()
+        assert f"{pipeline_class}.from_teacher(" in text and f"from diffusers_onestep import {pipeline_class}" in text
+        assert f"base model's\n{network};" in text and f"runs its {network} once" in text
+        assert "OneStepPipeline." not in text

@@ -206,7 +206,8 @@ def save_model_card(
         secrets (`list[str]`, *optional*): values masked wherever they appear (`mask_secrets`; `hf_...` tokens are
             always masked).
         pipeline_class (`str`, defaults to `"OneStepPipeline"`): the student pipeline class the usage snippet loads
-            (`OneStepXLPipeline`, `OneStepPixArtPipeline` for those backbones).
+            (`OneStepXLPipeline`, `OneStepPixArtPipeline` for those backbones); the template's `pipeline_class` and
+            `network_name` ("UNet", or "transformer" for PixArt).
 
     Returns:
         The `huggingface_hub.ModelCard`.
@@ -250,11 +251,10 @@ def save_model_card(
         lora_alpha=lora_alpha or lora_rank,
         validation_images=[os.path.relpath(p, output_dir) for p in validation_images or []],
         example_prompt=example_prompt,
+        pipeline_class=pipeline_class,
+        network_name="transformer" if "PixArt" in pipeline_class else "UNet",
     )
-    text = str(card)
-    if pipeline_class != "OneStepPipeline":  # the shipped template names the SD class
-        text = re.sub(r"\bOneStepPipeline\b", pipeline_class, text)
-    card = ModelCard(mask_secrets(text, secrets))
+    card = ModelCard(mask_secrets(str(card), secrets))
     path, partial = os.path.join(output_dir, "README.md"), os.path.join(output_dir, ".README.md.partial")
     card.save(partial)
     os.replace(partial, path)

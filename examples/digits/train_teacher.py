@@ -5,7 +5,15 @@ checkpoint directory.
         --vae_dir /work/digits_artifacts/vae --output_dir /work/digits_artifacts/teacher
     OMP_NUM_THREADS=1 nice -n 10 python examples/digits/train_teacher.py --backbone dit \
         --vae_dir examples/digits/checkpoints/teacher/vae --output_dir /work/digits_artifacts/dit_teacher
+    OMP_NUM_THREADS=1 nice -n 10 python examples/digits/train_teacher.py --backbone sdxl \
+        --vae_dir examples/digits/checkpoints/teacher/vae --output_dir /work/digits_artifacts/sdxl_teacher
 
+The SDXL teacher (`build_sdxl_teacher_components`) is a `StableDiffusionXLPipeline` directory: the UNet of the SD
+teacher with `addition_embed_type="text_time"` (pooled text embeddings and size / crop ids), two two-layer CLIP text
+encoders of width 32 (the second `CLIPTextModelWithProjection`, 32-wide projection) whose penultimate states are
+concatenated into the 64-wide cross-attention text, captions encoded by `StableDiffusionXLPipeline.encode_prompt`
+itself (through the training backbone's `encode`), saved with `force_zeros_for_empty_prompt=False` since its
+unconditional branch is trained on `""`.
 The DiT teacher (`build_dit_teacher_components`) is a `PixArtAlphaPipeline` directory: a `PixArtTransformer2DModel`
 (patch 1 on the 8x8 latents, 6 layers of width 128, no learned sigma), a two-layer `T5EncoderModel` (width 64) with
 the unigram T5 tokenizer of `testing_utils.build_t5_tokenizer`, trained jointly from scratch with the same recipe,
@@ -43,18 +51,23 @@ from diffusers import (
     PixArtAlphaPipeline,
     PixArtTransformer2DModel,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from diffusers.training_utils import EMAModel
 from digits_data import TOKENIZER_WORDS, load_digits_split, random_captions
-from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from diffusers_onestep.models.backbones import backbone_for
 from diffusers_onestep.pipelines.text_encoding import encode_prompt
 from diffusers_onestep.testing_utils import build_clip_tokenizer, build_t5_tokenizer
+from diffusers_onestep.training_utils.backbones import TRAINING_BACKBONES
 
 
-__all__ = ["build_dit_teacher_components", "build_teacher_components", "main", "save_teacher", "train_teacher"]
+__all__ = [
+    "build_dit_teacher_components", "build_sdxl_teacher_components", "build_teacher_components", "main", "save_teacher",
+    "train_teacher",
+]  # fmt: skip
 
 
 def _digits_scheduler() -> DDPMScheduler:
@@ -98,8 +111,70 @@ def build_dit_teacher_components(
             "scheduler": _digits_scheduler()}  # fmt: skip
 
 
+def _clip_text_config(tokenizer, hidden_size: int, layers: int, **kwargs) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+        num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        **kwargs,
+    )  # fmt: skip
+
+
+def build_sdxl_teacher_components(
+    vae: AutoencoderKL,
+    block_out_channels: tuple[int, ...] = (64, 128),
+    text_hidden_size: int = 32,
+    text_layers: int = 2,
+    model_max_length: int = 16,
+    time_embed_dim: int = 8,
+    seed: int = 0,
+) -> dict:
+    r"""
+    Freshly initialised SDXL-shaped teacher components around a trained `vae` (the `StableDiffusionXLPipeline`
+    arguments): two CLIP text encoders of `text_hidden_size` (the second with a projection of that width), a UNet like
+    `build_teacher_components`' with `addition_embed_type="text_time"` and `cross_attention_dim = 2 x
+    text_hidden_size`.
+    """
+    tokenizer, tokenizer_2 = (build_clip_tokenizer(TOKENIZER_WORDS, model_max_length=model_max_length) for _ in "12")
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_clip_text_config(tokenizer, text_hidden_size, text_layers))
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _clip_text_config(tokenizer_2, text_hidden_size, text_layers, projection_dim=text_hidden_size)
+    )
+    torch.manual_seed(seed)
+    unet = _digits_unet(vae, block_out_channels, 2 * text_hidden_size, addition_embed_type="text_time",
+                        addition_time_embed_dim=time_embed_dim,
+                        projection_class_embeddings_input_dim=6 * time_embed_dim + text_hidden_size)  # fmt: skip
+    return {"vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2, "tokenizer": tokenizer,
+            "tokenizer_2": tokenizer_2, "unet": unet, "scheduler": _digits_scheduler()}  # fmt: skip
+
+
+def _digits_unet(vae: AutoencoderKL, block_out_channels: tuple[int, ...], cross_attention_dim: int, **kwargs):
+    num_levels = len(block_out_channels)
+    return UNet2DConditionModel(
+        sample_size=vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1),
+        in_channels=vae.config.latent_channels,
+        out_channels=vae.config.latent_channels,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=1,
+        # cross-attention at the full 8x8 resolution only, plain ResNet blocks below
+        down_block_types=("CrossAttnDownBlock2D",) + ("DownBlock2D",) * (num_levels - 1),
+        up_block_types=("UpBlock2D",) * (num_levels - 1) + ("CrossAttnUpBlock2D",),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=min(32, block_out_channels[0]),
+        **kwargs,
+    )
+
+
 def _encode_captions(components: dict, captions: list[str]) -> dict:
-    """The conditioning dict of `captions`, differentiable through the text encoder (trained jointly)."""
+    """The conditioning dict of `captions`, differentiable through the text encoder(s) (trained jointly)."""
+    if "text_encoder_2" in components:
+        pipe = StableDiffusionXLPipeline(**components, force_zeros_for_empty_prompt=False)
+        size = (components["vae"].config.sample_size,) * 2
+        return TRAINING_BACKBONES["sdxl"].encode(pipe, captions, device="cpu", dtype=None, image_size=size,
+                                                 unconditional=False)  # fmt: skip
     if "transformer" in components:
         pipe = PixArtAlphaPipeline(**components)
         max_length = components["tokenizer"].model_max_length
@@ -126,34 +201,9 @@ def build_teacher_components(
     """
     tokenizer = build_clip_tokenizer(TOKENIZER_WORDS, model_max_length=model_max_length)
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=text_hidden_size,
-            intermediate_size=4 * text_hidden_size,
-            num_hidden_layers=text_layers,
-            num_attention_heads=4,
-            max_position_embeddings=model_max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = CLIPTextModel(_clip_text_config(tokenizer, text_hidden_size, text_layers))
     torch.manual_seed(seed)
-    num_levels = len(block_out_channels)
-    unet = UNet2DConditionModel(
-        sample_size=vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1),
-        in_channels=vae.config.latent_channels,
-        out_channels=vae.config.latent_channels,
-        block_out_channels=tuple(block_out_channels),
-        layers_per_block=1,
-        # cross-attention at the full 8x8 resolution only, plain ResNet blocks below
-        down_block_types=("CrossAttnDownBlock2D",) + ("DownBlock2D",) * (num_levels - 1),
-        up_block_types=("UpBlock2D",) * (num_levels - 1) + ("CrossAttnUpBlock2D",),
-        cross_attention_dim=text_hidden_size,
-        attention_head_dim=8,
-        norm_num_groups=min(32, block_out_channels[0]),
-    )
+    unet = _digits_unet(vae, block_out_channels, text_hidden_size)
     return {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet,
             "scheduler": _digits_scheduler()}  # fmt: skip
 
@@ -183,7 +233,8 @@ def train_teacher(
     Returns:
         `list[dict]`: the training log (`step`, `loss`, `seconds_per_step`), one entry per `log_every` steps.
     """
-    vae, text_encoder, scheduler = components["vae"], components["text_encoder"], components["scheduler"]
+    vae, scheduler = components["vae"], components["scheduler"]
+    text_encoders = [components[k] for k in ("text_encoder", "text_encoder_2") if k in components]
     unet = components.get("unet", components.get("transformer"))
     backbone = backbone_for(unet)
     generator = torch.Generator().manual_seed(seed)
@@ -197,8 +248,10 @@ def train_teacher(
     scaling_factor = vae.config.scaling_factor
 
     unet.train()
-    text_encoder.train()
-    parameters = list(unet.parameters()) + list(text_encoder.parameters())
+    parameters = list(unet.parameters())
+    for text_encoder in text_encoders:
+        text_encoder.train()
+        parameters += list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=1e-2)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / max(lr_warmup_steps, 1))
@@ -260,7 +313,8 @@ def train_teacher(
     if ema is not None:
         ema.copy_to(parameters)
     unet.eval()
-    text_encoder.eval()
+    for text_encoder in text_encoders:
+        text_encoder.eval()
     return log
 
 
@@ -272,6 +326,8 @@ def save_teacher(components: dict, output_dir: str) -> StableDiffusionPipeline |
     """
     if "transformer" in components:
         pipe = PixArtAlphaPipeline(**components)
+    elif "text_encoder_2" in components:
+        pipe = StableDiffusionXLPipeline(**components, force_zeros_for_empty_prompt=False)
     else:
         pipe = StableDiffusionPipeline(
             **components, safety_checker=None, feature_extractor=None, image_encoder=None,
@@ -295,8 +351,8 @@ def main(argv: list[str] | None = None) -> StableDiffusionPipeline:
     parser.add_argument("--lr_warmup_steps", type=int, default=200)
     parser.add_argument("--caption_dropout", type=float, default=0.1)
     parser.add_argument("--ema_decay", type=float, default=0.999, help="maximum EMA decay; 0 disables EMA")
-    parser.add_argument("--backbone", choices=["unet", "dit"], default="unet",
-                        help="unet: the Stable Diffusion teacher; dit: the PixArt-α-shaped teacher")
+    parser.add_argument("--backbone", choices=["unet", "sdxl", "dit"], default="unet",
+                        help="unet: the SD teacher; sdxl: the SDXL-shaped one; dit: the PixArt-α-shaped one")
     parser.add_argument("--block_out_channels", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log_every", type=int, default=50)
@@ -306,12 +362,14 @@ def main(argv: list[str] | None = None) -> StableDiffusionPipeline:
     vae = AutoencoderKL.from_pretrained(args.vae_dir)
     if args.backbone == "dit":
         components = build_dit_teacher_components(vae, seed=args.seed)
+    elif args.backbone == "sdxl":
+        components = build_sdxl_teacher_components(vae, tuple(args.block_out_channels), seed=args.seed)
     else:
         components = build_teacher_components(vae, tuple(args.block_out_channels), seed=args.seed)
     network = components.get("unet", components.get("transformer"))
     num_parameters = sum(p.numel() for p in network.parameters())
     print(f"denoiser parameters: {num_parameters / 1e6:.3f}M, text encoder parameters: "
-          f"{sum(p.numel() for p in components['text_encoder'].parameters()) / 1e6:.3f}M")  # fmt: skip
+          f"{sum(p.numel() for k in ('text_encoder', 'text_encoder_2') for p in getattr(components.get(k), 'parameters', list)()) / 1e6:.3f}M")  # fmt: skip
     start = time.perf_counter()
     log = train_teacher(
         components,

@@ -9,7 +9,7 @@ Every component is imported eagerly: diffusers resolves our entries of a `model_
 __version__ = "0.1.0.dev0"
 
 from . import _logging  # noqa: F401  (first: before anything imports diffusers)
-from .attention import NASAAttnProcessor, nasa_attention
+from .attention import NAGGuidance, NASAAttnProcessor, NASAGuidance, NegativeAttnProcessor, nasa, nasa_attention
 from .pipelines import (
     AdaptiveCollabPipeline,
     AdaptiveCollabPipelineOutput,
@@ -43,7 +43,10 @@ __all__ = [
     "ConsistencyStudentScheduler",
     "ConsistencyStudentSchedulerOutput",
     "ImageRewardOracle",
+    "NAGGuidance",
     "NASAAttnProcessor",
+    "NASAGuidance",
+    "NegativeAttnProcessor",
     "OneStepPipeline",
     "OneStepPipelineOutput",
     "OneStepPixArtPipeline",
@@ -51,5 +54,6 @@ __all__ = [
     "Oracle",
     "OracleCalibration",
     "__version__",
+    "nasa",
     "nasa_attention",
 ]

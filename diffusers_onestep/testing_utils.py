@@ -14,7 +14,10 @@ from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxTransformer2DModel,
     PixArtTransformer2DModel,
+    SD3Transformer2DModel,
     UNet2DConditionModel,
 )
 from transformers import (
@@ -34,7 +37,9 @@ __all__ = [
     "build_clip_tokenizer",
     "build_t5_tokenizer",
     "get_dummy_components",
+    "get_dummy_flux_components",
     "get_dummy_pixart_components",
+    "get_dummy_sd3_components",
     "get_dummy_sdxl_components",
     "get_dummy_teacher_components",
 ]
@@ -229,3 +234,61 @@ def get_dummy_pixart_components(seed: int = 0, sample_size: int = 16, learned_si
     scheduler = DPMSolverMultistepScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
     return {"tokenizer": build_t5_tokenizer(), "text_encoder": text_encoder, "vae": vae, "transformer": transformer,
             "scheduler": scheduler}  # fmt: skip
+
+
+def _tiny_t5(seed: int, d_model: int = 32) -> T5EncoderModel:
+    torch.manual_seed(seed)
+    return T5EncoderModel(
+        T5Config(vocab_size=64, d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4, pad_token_id=0,
+                 eos_token_id=1, decoder_start_token_id=0)  # fmt: skip
+    ).eval()
+
+
+def get_dummy_sd3_components(seed: int = 0, sample_size: int = 16) -> dict:
+    r"""
+    The components of a tiny `StableDiffusion3Pipeline` after diffusers' SD3 fast tests: a one-layer
+    `SD3Transformer2DModel` (patch 1, 4 heads of 8, joint attention width 32, pooled width 64), two CLIP text encoders
+    with projections of width 32, the tiny T5 encoder, three local tokenizers, a flow-matching Euler scheduler and the
+    shared tiny VAE (`shift_factor` 0, as SD3's decoding needs one).
+    """
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size // 2, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64,
+        out_channels=4,
+    )  # fmt: skip
+    vae = _tiny_vae(seed, sample_size)
+    vae.register_to_config(shift_factor=0.0)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModelWithProjection(_tiny_clip_config(32, projection_dim=32)).eval()
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config(32, projection_dim=32)).eval()
+    return {
+        "transformer": transformer, "vae": vae, "scheduler": FlowMatchEulerDiscreteScheduler(),
+        "text_encoder": text_encoder, "text_encoder_2": text_encoder_2, "text_encoder_3": _tiny_t5(seed),
+        "tokenizer": build_clip_tokenizer(), "tokenizer_2": build_clip_tokenizer(), "tokenizer_3": build_t5_tokenizer(),
+        "image_encoder": None, "feature_extractor": None,
+    }  # fmt: skip
+
+
+def get_dummy_flux_components(seed: int = 0, sample_size: int = 16) -> dict:
+    r"""
+    The components of a tiny `FluxPipeline` after diffusers' Flux fast tests: a `FluxTransformer2DModel` with one
+    double- and one single-stream block (2 heads of 16, rotary axes (4, 4, 8)), a CLIP text encoder (pooled width 32),
+    the tiny T5 encoder, local tokenizers, a flow-matching Euler scheduler and a one-channel tiny VAE (Flux packs 2x2
+    latent patches into 4 channels).
+    """
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+    )  # fmt: skip
+    vae = _tiny_vae(seed, sample_size, latent_channels=1)
+    vae.register_to_config(shift_factor=0.0609, scaling_factor=1.5035)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_tiny_clip_config(32)).eval()
+    return {
+        "transformer": transformer, "vae": vae, "scheduler": FlowMatchEulerDiscreteScheduler(),
+        "text_encoder": text_encoder, "text_encoder_2": _tiny_t5(seed), "tokenizer": build_clip_tokenizer(),
+        "tokenizer_2": build_t5_tokenizer(), "image_encoder": None, "feature_extractor": None,
+    }  # fmt: skip

@@ -166,3 +166,53 @@ def test_context_manager_keeps_ip_adapter_processors():
             if ".attn2." in name:
                 assert isinstance(proc.base_processor, IPAdapterAttnProcessor2_0)
     assert all(unet.attn_processors[k] is v for k, v in procs.items())
+
+
+# ---------------------------------------------------------------- NAG (Normalized Attention Guidance) and the relation
+
+
+def test_nag_combine_by_hand_with_the_l1_norm_clipping_and_blend():
+    from diffusers_onestep.attention import NAGGuidance
+
+    z_pos = torch.tensor([[[1.0, -2.0, 0.5], [0.1, 0.1, 0.1]]])
+    z_neg = torch.tensor([[[0.0, 1.0, 0.5], [0.1, 0.1, 0.1]]])
+    phi, tau, alpha = 2.0, 1.5, 0.6
+    got = NAGGuidance(scale=phi, tau=tau, alpha=alpha).combine(z_pos, z_neg)
+    # token 0: Z~ = (1 + 2*1, -2 + 2*(-3), 0.5 + 0) = (3, -8, 0.5); |Z~|_1 = 11.5, |Z+|_1 = 3.5, R = 23/7 > 1.5
+    # Z^ = Z~ * 1.5 / R = Z~ * 10.5 / 23; Z = 0.6 Z^ + 0.4 Z+
+    token0 = 0.6 * torch.tensor([3.0, -8.0, 0.5]) * 10.5 / 23 + 0.4 * torch.tensor([1.0, -2.0, 0.5])
+    # token 1: Z+ = Z-, so Z~ = Z+, R = 1 <= tau: unchanged
+    torch.testing.assert_close(got[0, 0], token0)
+    torch.testing.assert_close(got[0, 1], z_pos[0, 1])
+    # the official Flux code's L2 norm: R = |(3, -8, 0.5)|_2 / |(1, -2, 0.5)|_2
+    l2 = NAGGuidance(scale=phi, tau=tau, alpha=alpha, norm_p=2).combine(z_pos, z_neg)
+    ratio = torch.tensor([3.0, -8.0, 0.5]).norm() / torch.tensor([1.0, -2.0, 0.5]).norm()
+    torch.testing.assert_close(l2[0, 0], 0.6 * torch.tensor([3.0, -8.0, 0.5]) * tau / ratio + 0.4 * z_pos[0, 0])
+
+
+def test_nasa_is_a_shrunk_unclipped_nag_extrapolation():
+    from diffusers_onestep.attention import NAGGuidance, NASAGuidance, nasa_as_nag_extrapolation
+
+    z_pos, z_neg = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    for a in (0.1, 0.5, 0.8):
+        phi, shrink = nasa_as_nag_extrapolation(a)
+        # NAG with no clipping (tau huge) and no blend (alpha 1) is the bare extrapolation (1 + phi) Z+ - phi Z-
+        extrapolation = NAGGuidance(scale=phi, tau=1e9, alpha=1.0).combine(z_pos, z_neg)
+        torch.testing.assert_close(NASAGuidance(scale=a).combine(z_pos, z_neg), shrink * extrapolation)
+
+
+@torch.no_grad()
+def test_nag_processor_on_one_cross_attention_layer_by_hand(attn, tensors):
+    from diffusers_onestep.attention import NAGGuidance, NegativeAttnProcessor
+
+    x, c, n = tensors
+    guidance = NAGGuidance(scale=3.0, tau=1.2, alpha=0.5)
+    got = NegativeAttnProcessor(guidance)(attn, x, c, negative_encoder_hidden_states=n)
+    z = guidance.combine(hand_attention(attn, x, c), hand_attention(attn, x, n))
+    torch.testing.assert_close(got, attn.to_out[0](z), rtol=1e-5, atol=1e-6)
+    # around a foreign processor (any other class): its output plus W_out (Z_NAG - Z+)
+    class Foreign(AttnProcessor2_0):
+        pass
+
+    wrapped = NegativeAttnProcessor(guidance, base_processor=Foreign())(attn, x, c, negative_encoder_hidden_states=n)
+    torch.testing.assert_close(wrapped, got, rtol=1e-5, atol=1e-6)

@@ -21,8 +21,10 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
+from .guidance import NASAGuidance, NegativeGuidance
 
-__all__ = ["NASAAttnProcessor", "check_nasa_scale", "nasa_attention"]
+
+__all__ = ["NASAAttnProcessor", "NegativeAttnProcessor", "check_nasa_scale", "nasa_attention", "negative_processor"]
 
 NASA_SCALE_RANGE = (0.0, 1.5)
 
@@ -99,40 +101,39 @@ def _to_input_layout(hidden_states: torch.Tensor, layout: tuple) -> torch.Tensor
     return hidden_states
 
 
-class NASAAttnProcessor:
+class NegativeAttnProcessor:
     r"""
-    Attention processor for Negative-Away Steer Attention (SNOOPI, Eq. 7): `Z = Z+ - scale * Z-` before `to_out`.
+    Cross-attention processor for an attention-space negative guidance (`guidance.combine(Z+, Z-)` before `to_out`):
+    NASA (`NASAGuidance`, SNOOPI Eq. 7) or NAG (`NAGGuidance`, arXiv 2505.21179).
 
-    A drop-in for diffusers' `AttnProcessor2_0`. On self-attention layers, with `scale == 0`, or without a negative
-    embedding it returns exactly what `base_processor` returns. When `base_processor` is another processor (an
-    IP-Adapter processor, say), NASA wraps it: the base output is kept and `scale * to_out(Z-)` (without the output
-    bias) is subtracted, which equals the paper's form because `to_out[0]` is affine (exact in eval mode; with
-    attention dropout active during training the two differ by the dropout of `Z-`).
+    A drop-in for diffusers' `AttnProcessor2_0`. On self-attention layers, with an identity guidance (scale 0), outside
+    the guidance's `end` fraction, or without a negative it returns exactly what `base_processor` returns. When
+    `base_processor` is another processor (an IP-Adapter processor, say), it is wrapped: its output is kept and
+    `W_out (combine(Z+, Z-) - Z+)` (the output projection's linear part) is added, which equals replacing `Z+` because
+    `to_out[0]` is affine (exact in eval mode; with attention dropout active the two differ by the dropout). For NASA
+    that correction is `-alpha W_out Z-` (one extra attention); NAG also recomputes `Z+` (two).
 
-    Args:
-        scale (`float` or `torch.Tensor`, defaults to 0.1):
-            `alpha`, the weight of the negative attention; a `(batch,)` tensor gives one value per sample (NASA-T
-            training). Paper defaults: 0.1 (SD1.5-like), 0.2 (SD2.1-like), 0.5 (PixArt).
-        base_processor (*optional*):
-            The processor NASA extends; defaults to `AttnProcessor2_0`.
-        negative_encoder_hidden_states (`torch.Tensor`, *optional*):
-            `(batch or 1, tokens, dim)` negative text features bound to the processor (see `nasa_attention`).
-        negative_attention_mask (`torch.Tensor`, *optional*):
-            `(batch, tokens)` keep-mask (1 = attend) or `(batch, 1, tokens)` additive bias for the negative tokens.
+    The negative comes from the constructor's tensors or, when `source` is given, from `source.negative` /
+    `source.negative_mask` / `source.fraction` at every call (how `diffusers_onestep.nasa` binds one negative to all
+    layers and updates it per network call, e.g. after PixArt's caption projection).
     """
 
     def __init__(
         self,
-        scale: float | torch.Tensor = 0.1,
+        guidance: NegativeGuidance,
         base_processor=None,
         negative_encoder_hidden_states: torch.Tensor | None = None,
         negative_attention_mask: torch.Tensor | None = None,
+        source=None,
     ):
-        check_nasa_scale(scale, "scale")
-        self.scale = scale
+        self.guidance = guidance
         self.base_processor = base_processor if base_processor is not None else AttnProcessor2_0()
         self.negative_encoder_hidden_states = negative_encoder_hidden_states
         self.negative_attention_mask = negative_attention_mask
+        self.source = source
+
+    def _guidance_for_call(self, nasa_scale) -> NegativeGuidance:
+        return self.guidance
 
     def __call__(
         self,
@@ -146,12 +147,18 @@ class NASAAttnProcessor:
         nasa_scale: float | torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        fraction = None
         if negative_encoder_hidden_states is None:
-            negative_encoder_hidden_states = self.negative_encoder_hidden_states
-            negative_attention_mask = self.negative_attention_mask
-        scale = self.scale if nasa_scale is None else nasa_scale
-        is_zero = isinstance(scale, (int, float)) and scale == 0
-        if encoder_hidden_states is None or negative_encoder_hidden_states is None or is_zero:
+            if self.source is not None:
+                negative_encoder_hidden_states = self.source.negative
+                negative_attention_mask = self.source.negative_mask
+                fraction = self.source.fraction
+            else:
+                negative_encoder_hidden_states = self.negative_encoder_hidden_states
+                negative_attention_mask = self.negative_attention_mask
+        guidance = self._guidance_for_call(nasa_scale)
+        if (encoder_hidden_states is None or negative_encoder_hidden_states is None or guidance.is_identity
+                or not guidance.active_at(fraction)):  # fmt: skip
             return self.base_processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
 
         batch_size = hidden_states.shape[0]
@@ -160,12 +167,9 @@ class NASAAttnProcessor:
         negative_mask = _match_batch(
             _mask_to_bias(negative_attention_mask, hidden_states.dtype), batch_size, "negative_attention_mask"
         )
-        alpha = torch.as_tensor(scale, device=hidden_states.device, dtype=hidden_states.dtype)
-        alpha = alpha.reshape(-1, 1, 1) if alpha.ndim == 1 else alpha
-
         if type(self.base_processor) not in (AttnProcessor2_0, AttnProcessor):
             return self._wrap(attn, hidden_states, encoder_hidden_states, attention_mask, temb, negative,
-                              negative_mask, alpha, **kwargs)  # fmt: skip
+                              negative_mask, guidance, **kwargs)  # fmt: skip
 
         # 1. Queries from the image tokens, exactly as the stock processor computes them.
         residual = hidden_states
@@ -173,22 +177,75 @@ class NASAAttnProcessor:
         # 2. Z+ and Z- through the same K/V projections, each with its own mask.
         z_pos = _merge_heads(_project_attention(attn, query, encoder_hidden_states, attention_mask))
         z_neg = _merge_heads(_project_attention(attn, query, negative, negative_mask))
-        # 3. Negative-away steer, before the output projection (Eq. 7).
-        hidden_states = (z_pos - alpha * z_neg).to(query.dtype)
+        # 3. The guidance, before the output projection (NASA: Z+ - alpha Z-).
+        hidden_states = guidance.combine(z_pos, z_neg).to(query.dtype)
         # 4. Output projection, dropout, residual and rescale as in AttnProcessor2_0.
         hidden_states = _to_input_layout(attn.to_out[1](attn.to_out[0](hidden_states)), layout)
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
-    def _wrap(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, negative, negative_mask, alpha,
-              **kwargs) -> torch.Tensor:  # fmt: skip
-        """NASA around a foreign processor: base output minus `alpha * W_out Z-` (the affine map's linear part)."""
+    def _wrap(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, negative, negative_mask,
+              guidance, **kwargs) -> torch.Tensor:  # fmt: skip
+        """Guidance around a foreign processor: its output plus `W_out (combine(Z+, Z-) - Z+)`."""
         output = self.base_processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         query, layout = _query(attn, hidden_states, temb)
         z_neg = _merge_heads(_project_attention(attn, query, negative, negative_mask)).to(query.dtype)
-        projected = attn.to_out[0](z_neg) - attn.to_out[0](torch.zeros_like(z_neg[:, :1]))
-        return output - _to_input_layout(alpha * projected, layout) / attn.rescale_output_factor
+        if isinstance(guidance, NASAGuidance):  # combine - Z+ = -alpha Z-: no second attention needed
+            delta = guidance.combine(torch.zeros_like(z_neg), z_neg)
+        else:
+            z_pos = _merge_heads(_project_attention(attn, query, encoder_hidden_states, attention_mask))
+            delta = guidance.combine(z_pos, z_neg).to(query.dtype) - z_pos
+        projected = attn.to_out[0](delta) - attn.to_out[0](torch.zeros_like(delta[:, :1]))
+        return output + _to_input_layout(projected, layout) / attn.rescale_output_factor
+
+
+class NASAAttnProcessor(NegativeAttnProcessor):
+    r"""
+    Attention processor for Negative-Away Steer Attention (SNOOPI, Eq. 7): `Z = Z+ - scale * Z-` before `to_out`
+    (`NegativeAttnProcessor` with `NASAGuidance(scale)`).
+
+    Args:
+        scale (`float` or `torch.Tensor`, defaults to 0.1):
+            `alpha`, the weight of the negative attention; a `(batch,)` tensor gives one value per sample (NASA-T
+            training). Paper defaults: 0.1 (SD1.5-like), 0.2 (SD2.1-like), 0.5 (PixArt).
+        base_processor (*optional*):
+            The processor NASA extends; defaults to `AttnProcessor2_0`.
+        negative_encoder_hidden_states (`torch.Tensor`, *optional*):
+            `(batch or 1, tokens, dim)` negative text features bound to the processor (see `nasa_attention`).
+        negative_attention_mask (`torch.Tensor`, *optional*):
+            `(batch, tokens)` keep-mask (1 = attend) or `(batch, 1, tokens)` additive bias for the negative tokens.
+        source (*optional*): an object whose `negative`, `negative_mask` and `fraction` are read at every call.
+    """
+
+    def __init__(
+        self,
+        scale: float | torch.Tensor = 0.1,
+        base_processor=None,
+        negative_encoder_hidden_states: torch.Tensor | None = None,
+        negative_attention_mask: torch.Tensor | None = None,
+        source=None,
+    ):
+        check_nasa_scale(scale, "scale")
+        super().__init__(NASAGuidance(scale=scale), base_processor, negative_encoder_hidden_states,
+                         negative_attention_mask, source)  # fmt: skip
+
+    @property
+    def scale(self):
+        return self.guidance.scale
+
+    def _guidance_for_call(self, nasa_scale) -> NegativeGuidance:
+        return self.guidance if nasa_scale is None else NASAGuidance(scale=nasa_scale, end=self.guidance.end)
+
+
+def negative_processor(guidance: NegativeGuidance, base_processor=None, negative=None, negative_mask=None,
+                       source=None) -> NegativeAttnProcessor:  # fmt: skip
+    r"""The processor of `guidance` around `base_processor`: a `NASAAttnProcessor` for NASA, else the generic one."""
+    if isinstance(guidance, NASAGuidance):
+        processor = NASAAttnProcessor(guidance.scale, base_processor, negative, negative_mask, source)
+        processor.guidance = guidance
+        return processor
+    return NegativeAttnProcessor(guidance, base_processor, negative, negative_mask, source)
 
 
 def _cross_attention_modules(model: torch.nn.Module) -> Iterator[Attention]:
@@ -203,9 +260,11 @@ def nasa_attention(
     negative_encoder_hidden_states: torch.Tensor | None,
     scale: float | torch.Tensor = 0.1,
     negative_attention_mask: torch.Tensor | None = None,
+    guidance: NegativeGuidance | None = None,
 ):
     r"""
-    Context manager that gives every cross-attention layer of `model` a `NASAAttnProcessor` bound to the negative
+    Context manager that gives every cross-attention layer of `model` a `NASAAttnProcessor` (or, with `guidance`, a
+    `NegativeAttnProcessor` of that guidance, e.g. `NAGGuidance`) bound to the negative
     embeddings for the duration of the block, then puts back exactly the processors that were there.
 
     The negatives are bound to the processors instead of being passed through `cross_attention_kwargs` (which reach
@@ -218,6 +277,7 @@ def nasa_attention(
         negative_encoder_hidden_states (`torch.Tensor`): `(batch or 1, tokens, dim)` negative text features.
         scale (`float` or `torch.Tensor`, defaults to 0.1): NASA's `alpha`; a `(batch,)` tensor for per-sample values.
         negative_attention_mask (`torch.Tensor`, *optional*): keep-mask `(batch, tokens)` for the negative tokens.
+        guidance (`NegativeGuidance`, *optional*): another guidance than NASA at `scale` (then `scale` is unused).
 
     Example:
 
@@ -226,9 +286,10 @@ def nasa_attention(
     ...     noise_pred = pipe.unet(latents, t, encoder_hidden_states=prompt_embeds).sample
     ```
     """
-    check_nasa_scale(scale, "scale")
-    is_zero = isinstance(scale, (int, float)) and scale == 0
-    if negative_encoder_hidden_states is None or is_zero:
+    if guidance is None:
+        check_nasa_scale(scale, "scale")
+        guidance = NASAGuidance(scale=scale)
+    if negative_encoder_hidden_states is None or guidance.is_identity:
         yield model
         return
     originals = [(module, module.processor) for module in _cross_attention_modules(model)]
@@ -238,9 +299,9 @@ def nasa_attention(
         )
     try:
         for module, processor in originals:
-            base = processor.base_processor if isinstance(processor, NASAAttnProcessor) else processor
+            base = processor.base_processor if isinstance(processor, NegativeAttnProcessor) else processor
             module.set_processor(
-                NASAAttnProcessor(scale, base, negative_encoder_hidden_states, negative_attention_mask)
+                negative_processor(guidance, base, negative_encoder_hidden_states, negative_attention_mask)
             )
         yield model
     finally:

@@ -225,6 +225,11 @@ class OneStepPixArtPipeline(OneStepLoadingMixin, OneStepPipelineMixin, Diffusion
             `OneStepPipelineOutput` (or `(images, nfe)` with `return_dict=False`).
         """
         tensor_inputs = self.callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        nasa_scale, negatives = self.apply_context_guidance(
+            nasa_scale, negative_prompt=negative_prompt, negative_prompt_embeds=negative_prompt_embeds,
+            negative_prompt_attention_mask=negative_prompt_attention_mask,
+        )  # fmt: skip
+        negative_prompt, negative_prompt_embeds, negative_prompt_attention_mask = negatives.values()
         nasa_scale_given = nasa_scale is not None
         nasa_scale = self.config.nasa_scale if nasa_scale is None else nasa_scale
 

@@ -186,6 +186,11 @@ class OneStepXLPipeline(
             `OneStepPipelineOutput` (or `(images, nfe)` with `return_dict=False`).
         """
         tensor_inputs = self.callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        nasa_scale, negatives = self.apply_context_guidance(
+            nasa_scale, negative_prompt=negative_prompt, negative_prompt_embeds=negative_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+        )  # fmt: skip
+        negative_prompt, negative_prompt_embeds, negative_pooled_prompt_embeds = negatives.values()
         nasa_scale_given = nasa_scale is not None
         nasa_scale = self.config.nasa_scale if nasa_scale is None else nasa_scale
 

@@ -22,6 +22,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..attention.context import guided_cross_attention
 from ..attention.nasa import check_nasa_scale, nasa_attention
 from ..models.backbones import BACKBONES, BackboneAdapter, cat_conditioning
 from ..models.denoiser import classifier_free_guidance
@@ -276,6 +277,19 @@ class OneStepPipelineMixin:
     _text_encoders: tuple[str, ...] = ("text_encoder",)
     _network_class_name: str = "UNet2DConditionModel"
     default_nasa_scale: float = 0.1
+    # set by `diffusers_onestep.nasa(pipe, ...)` for its block: negatives and guidance for calls that pass none
+    context_guidance: dict | None = None
+
+    def apply_context_guidance(self, nasa_scale, **negatives) -> tuple:
+        r"""
+        `(nasa_scale, negatives)` for this call: inside a `diffusers_onestep.nasa` block, a call without a negative
+        gets the block's (the keys of `negatives` that the block sets) and its guidance's scale; otherwise unchanged.
+        """
+        context = self.context_guidance
+        if context is None or any(value is not None for value in negatives.values()):
+            return nasa_scale, negatives
+        negatives = {key: context.get(key) for key in negatives}
+        return context["guidance"].scale, negatives
 
     def _init_image_processor(self) -> None:
         self.vae_scale_factor = vae_scale_factor_of(getattr(self, "vae", None))
@@ -480,11 +494,19 @@ class OneStepPipelineMixin:
         return getattr(self, self.backbone.network_attribute)
 
     def nasa_context(self, negative: dict | None, nasa_scale):
-        r"""NASA on the network's cross-attention for the block, with the negative as those layers see it."""
+        r"""
+        NASA on the network's cross-attention for the block, with the negative as those layers see it; inside a
+        `diffusers_onestep.nasa` block, that block's guidance (NASA or NAG, with its `end` fraction) instead.
+        """
         if negative is None:
             return nullcontext()
         network = self.denoiser_network
         features, mask = self.backbone.nasa_negative(network, negative)
+        if self.context_guidance is not None:
+            return guided_cross_attention(
+                network, {"embeds": features, "mask": mask}, self.context_guidance["guidance"],
+                timestep_range=float(self.scheduler.config.num_train_timesteps),
+            )  # fmt: skip
         return nasa_attention(network, features, nasa_scale, negative_attention_mask=mask)
 
     def denoising_loop(

@@ -211,6 +211,9 @@ def test_our_pipeline_in_the_block_equals_its_native_negative_prompt():
     with diffusers_onestep.nasa(pipe, negative_prompt="dog", method="nag"):
         nag = pipe("a photo of a cat", generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert (nag - native).abs().max() > 1e-6
+    with diffusers_onestep.nasa(pipe, negative_prompt="dog"), pytest.raises(ValueError, match="guidance_scale"):
+        pipe("a photo of a cat", guidance_scale=2.0)  # our calls refuse NASA and CFG together
+    assert pipe.context_guidance is None
 
 
 # ---------------------------------------------------------------- one layer of each joint kind, by hand

@@ -9,6 +9,7 @@ from ..models.denoiser import (
     to_x0_eps,
 )
 from .generator import INPUT_TYPES, student_generate, student_input
+from .sid import SiDLoss
 from .vsd import PGSwiftBrushLoss, clamped_clip_loss
 
 
@@ -18,6 +19,7 @@ __all__ = [
     "Denoiser",
     "DenoiserOutput",
     "PGSwiftBrushLoss",
+    "SiDLoss",
     "alpha_sigma",
     "clamped_clip_loss",
     "classifier_free_guidance",

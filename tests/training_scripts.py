@@ -29,6 +29,7 @@ class ScriptCase:
             inject NaN (the method returns `(loss, logs)`).
         backbone (`str`, defaults to `"sd"`): the tiny teacher's backbone (`"sd"`, `"sdxl"`, `"pixart"`).
         slow (`bool`): run only with `-m slow` (the extra backbones of a script already covered on SD).
+        negative_prompts (`bool`): also pass `--negative_prompts` (NASA-T), the prompt file doubling as the negatives.
     """
 
     name: str
@@ -36,10 +37,13 @@ class ScriptCase:
     loss: tuple[str, str, str] = ("", "", "")
     backbone: str = "sd"
     slow: bool = False
+    negative_prompts: bool = False
 
     @property
     def id(self) -> str:
-        return self.name if self.backbone == "sd" else f"{self.name}[{self.backbone}]"
+        tags = [self.backbone] if self.backbone != "sd" else []
+        tags += ["nasa-t"] if self.negative_prompts else []
+        return f"{self.name}[{','.join(tags)}]" if tags else self.name
 
     @property
     def network(self) -> str:
@@ -68,6 +72,7 @@ class ScriptCase:
             "--report_to=none",
             "--mixed_precision=no",
             *self.flags,
+            *([f"--negative_prompts={prompts}"] if self.negative_prompts else []),
             *extra,
         ]
 
@@ -84,6 +89,8 @@ SCRIPTS = [
     ScriptCase("train_pg_swiftbrush", **_PGSB),
     ScriptCase("train_pg_swiftbrush", **_PGSB, backbone="sdxl", slow=True),
     ScriptCase("train_pg_swiftbrush", **_PGSB, backbone="pixart", slow=True),
+    # NASA-T: its fast checks (resume included) are tests/test_nasa_t.py
+    ScriptCase("train_pg_swiftbrush", **_PGSB, negative_prompts=True, slow=True),
 ]
 
 

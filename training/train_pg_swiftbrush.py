@@ -9,13 +9,18 @@ the teacher's UNet. The teacher and the fake score use the **same** per-sample g
     accelerate launch training/train_pg_swiftbrush.py --preset sd21-pgsb \
         --train_prompts prompts.txt --output_dir sd21-pgsb --validation_prompts "a photo of a cat"
 
-Add `--student_lora_rank 64` for a LoRA student (teacher, fake score and student then share one frozen UNet; its
-learning rate then defaults to 1e-4). For `--push_to_hub`, log in with `hf auth login` or set `HF_TOKEN`.
+NASA-T (SNOOPI v3): `--negative_prompts negatives.txt` (one per line). Each iteration draws one negative per sample;
+the teacher's CFG uses it as its unconditional branch (the fake score keeps the empty prompt) and the student runs with
+NASA on it at `alpha ~ U(0, 1)`, one draw per iteration (`diffusers_onestep.training_utils.negatives` says what the
+paper leaves unspecified). Add `--student_lora_rank 64` for a LoRA student (teacher, fake score and student then share
+one frozen UNet; its learning rate then defaults to 1e-4). For `--push_to_hub`, log in with `hf auth login` or set
+`HF_TOKEN`.
 """
 
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -29,6 +34,7 @@ from diffusers_onestep.training_utils import (
     FAKE_SCORE_ADAPTER,
     AdapterView,
     NaNGuard,
+    NegativePromptSampler,
     TrainingArguments,
     arg,
     backward_if_finite,
@@ -39,6 +45,7 @@ from diffusers_onestep.training_utils import (
     encode_prompts,
     format_command,
     load_clip,
+    load_negative_prompts,
     load_teacher,
     load_training_prompts,
     log_validation,
@@ -57,6 +64,7 @@ from diffusers_onestep.training_utils import (
     save_student,
     secret_argument_names,
     setup_accelerator,
+    student_nasa,
     teacher_latent_shape,
     training_loop,
     validate_training_args,
@@ -84,6 +92,9 @@ class PGSwiftBrushArguments:
     clip_model_name_or_path: str | None = arg(None, "Enables the clamped CLIP loss (a CLIPModel).", path="model")
     clip_loss_weight: float = arg(0.1, "Its weight, decayed linearly to 0.", low=0)
     clip_loss_tau: float = arg(0.37, "Its clamp tau.", low=-1, high=1)
+    negative_prompts: str | None = arg(None, "NASA-T: a text file of negative prompts, one per line.")
+    nasa_scale_min: float = arg(0.0, "NASA-T: alpha ~ U(min, max), one draw per iteration.", low=0)
+    nasa_scale_max: float = arg(1.0, "NASA-T: its max (SNOOPI v3: U(0, 1)).", low=0)
 
 
 def main(argv: list[str] | None = None) -> DiffusionPipeline | None:
@@ -100,6 +111,10 @@ def main(argv: list[str] | None = None) -> DiffusionPipeline | None:
         min_timestep=pg.min_timestep, max_timestep=pg.max_timestep, uncond_prob=pg.uncond_prob,
     )  # fmt: skip
     prompts = load_training_prompts(args)
+    nasa_range = (pg.nasa_scale_min, pg.nasa_scale_max)  # NASA-T: negatives and alpha range checked before any work
+    negatives = None if pg.negative_prompts is None else NegativePromptSampler(
+        load_negative_prompts(pg.negative_prompts), nasa_range
+    )  # fmt: skip
 
     # Setup: accelerator, frozen teacher (SD 1.x / 2.x, SDXL or PixArt), student (full copy or LoRA) and LoRA fake
     # score, optimizers
@@ -196,23 +211,32 @@ def main(argv: list[str] | None = None) -> DiffusionPipeline | None:
         t_fake = rank_slice(torch.randint(0, len(acp), (batch_size,), generator=g), accelerator)
         drop = rank_slice(torch.rand(batch_size, generator=g) < pg.uncond_prob, accelerator)
         batch_prompts = rank_slice(next(batches), accelerator)
+        if negatives is not None:  # NASA-T: one negative per sample, one alpha ~ U(0, 1) per iteration
+            negative_prompts, alpha = negatives.sample(batch_size, generator=g)
+            negative_prompts = rank_slice(negative_prompts, accelerator)
 
         with accelerator.accumulate(*models), accelerator.autocast():
             cond = encode_prompts(teacher, batch_prompts, **encoding)
-            # 1. x0 = G(z, c): the student's one step at t_init
-            x0 = student_generate(student, scheduler, z, cond)
+            negative = encode_prompts(teacher, negative_prompts, **encoding) if negatives is not None else None
+            nasa = student_nasa(student, negative, alpha) if negatives is not None else nullcontext
+            # 1. x0 = G(z, c): the student's one step at t_init (NASA-T: with NASA on the negative at alpha)
+            with nasa():
+                x0 = student_generate(student, scheduler, z, cond)
             # 2. x_t = a_t x0 + s_t eps, t ~ U{t_min..t_max}; teacher and fake score both guided with k ~ U(k_min, k_max)
+            # (NASA-T: the teacher's unconditional branch is the negative, the fake score's the empty prompt)
             # 3. student loss: gradient w(t) (e_teacher - e_fake) on x0, w(t) = s_t^2
             loss_g, logs_g = loss_fn.generator_loss(
-                teacher_score, fake_score, x0, cond, uncond, noise=eps, timesteps=t, guidance_scale=k
-            )
+                teacher_score, fake_score, x0, cond, uncond, noise=eps, timesteps=t, guidance_scale=k,
+                negative_prompt_embeds=negative,
+            )  # fmt: skip
             if clip is not None:  # optional clamped CLIP loss on the decoded image, weight decayed linearly to 0
                 image = teacher.vae.decode(x0.to(dtype) / teacher.vae.config.scaling_factor).sample
                 loss_clip = clamped_clip_loss(*clip_embeddings(*clip, image, batch_prompts), pg.clip_loss_tau).mean()
                 loss_g = loss_g + pg.clip_loss_weight * (1 - step.global_step / args.max_train_steps) * loss_clip
                 logs_g["loss_clip"] = loss_clip.detach()
-            student.activate()  # gradient checkpointing re-runs the student's forward during backward
-            backward_if_finite(accelerator, loss_g, step.global_step, nan_guard, "loss_student")
+            student.activate()  # gradient checkpointing re-runs the student's forward (with NASA-T's NASA) in backward
+            with nasa():
+                backward_if_finite(accelerator, loss_g, step.global_step, nan_guard, "loss_student")
             optimizer_step(
                 accelerator, opt_student, sched_student, unets.student_parameters, args.max_grad_norm,
                 step.global_step, nan_guard,
@@ -230,6 +254,8 @@ def main(argv: list[str] | None = None) -> DiffusionPipeline | None:
         if accelerator.sync_gradients and ema is not None:
             ema.step(unets.student_parameters)
         step.logs.update(logs_g, **logs_f, lr=sched_student.get_last_lr()[0])
+        if negatives is not None:
+            step.logs["nasa_scale"] = alpha
         logs = step.logs
 
     # Final save: the student pipeline's directory or LoRA weights + scheduler, model card, optional Hub upload
@@ -248,14 +274,18 @@ def main(argv: list[str] | None = None) -> DiffusionPipeline | None:
         repo_id = args.hub_model_id or args.output_dir.rstrip("/").split("/")[-1]
         hyperparameters = {k: getattr(args, k) for k in ("train_batch_size", "learning_rate", "max_train_steps")}
         hyperparameters.update(fake_score_learning_rate=pg.fake_score_learning_rate, guidance_scale=guidance_range)
+        if negatives is not None:
+            hyperparameters.update(nasa_t_negative_prompts=len(negatives.prompts), nasa_scale=negatives.scale_range)
+        method = "PG-SwiftBrush" if pg.fixed_guidance_scale is None else "SwiftBrush (fixed guidance)"
         save_model_card(
             args.output_dir, base_model=args.hub_base_model or args.pretrained_teacher_model_name_or_path,
-            method_name="PG-SwiftBrush" if pg.fixed_guidance_scale is None else "SwiftBrush (fixed guidance)",
+            method_name=method + (" with NASA-T (negative prompts in training)" if negatives is not None else ""),
             paper="[SNOOPI, arXiv 2412.02687](https://arxiv.org/abs/2412.02687)",
             script="training/train_pg_swiftbrush.py", command=format_command(argv, "training/train_pg_swiftbrush.py"),
             metrics={k: float(v) for k, v in logs.items()}, hyperparameters=hyperparameters, t_init=args.t_init,
             input_type=args.input_type, lora_rank=args.student_lora_rank, lora_alpha=args.student_lora_alpha,
-            repo_id=repo_id, validation_images=images, tags=["pg-swiftbrush", "snoopi"], secrets=[args.hub_token],
+            repo_id=repo_id, validation_images=images, secrets=[args.hub_token],
+            tags=["pg-swiftbrush", "snoopi", *(["nasa-t"] if negatives is not None else [])],
             pipeline_class=teacher.backbone.student_pipeline.__name__,
             **({"example_prompt": args.validation_prompts[0]} if args.validation_prompts else {}),
         )  # fmt: skip

@@ -16,6 +16,9 @@ Student (METHODS.md 2.1-2.3): `x_t = a_t x0 + s_t eps`, `t ~ U{t_min..t_max}`; w
 Fake score (2.4): `mse(a_t e_pi(x_t, c'), a_t eps)` on `stopgrad(x0)` at `t ~ U{0..T-1}`, `c'` the empty prompt with
 probability 0.1. Optional clamped CLIP loss (2.5, from SwiftBrush v2): `max(0, tau - cos(img, txt))`, tau 0.37, weight
 0.1 decayed to 0 by the script (*unverified* defaults, exposed as flags).
+NASA-T (SNOOPI v3, METHODS.md section 3): `negative_prompt_embeds` replaces the **teacher's** unconditional branch by
+the drawn negative prompts, `e_teacher = (1 - k) e_psi(x_t, c_neg) + k e_psi(x_t, c)`; the fake score keeps the empty
+prompt (the student's NASA forward is the script's, `training_utils.student_nasa`).
 """
 
 from __future__ import annotations
@@ -108,6 +111,7 @@ class PGSwiftBrushLoss:
         noise: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
         guidance_scale: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | dict | None = None,
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         r"""
@@ -118,9 +122,12 @@ class PGSwiftBrushLoss:
             x0 (`torch.Tensor`): the student's output `G(z, c)`, `(batch, C, H, W)`.
             prompt_embeds (`dict` or `torch.Tensor`): the prompt conditioning, `(batch, ...)` tensors (a tensor: SD's
                 `(batch, seq_len, dim)` text embeddings).
-            uncond_prompt_embeds (`dict` or `torch.Tensor`): the teacher's unconditional branch, batch 1 or `batch`.
+            uncond_prompt_embeds (`dict` or `torch.Tensor`): the unconditional branch (the empty prompt), batch 1 or
+                `batch`: the fake score's, and the teacher's unless `negative_prompt_embeds` is given.
             noise, timesteps, guidance_scale (`torch.Tensor`, *optional*): `eps`, `t` (`(batch,)` long) and `k`
                 (`(batch,)`); drawn from `generator` when omitted.
+            negative_prompt_embeds (`dict` or `torch.Tensor`, *optional*): NASA-T: the teacher's unconditional
+                branch, the negative prompts' conditioning (batch 1 or `batch`).
 
         Returns:
             `(loss, logs)`: the batch-mean loss and detached values to log.
@@ -134,13 +141,17 @@ class PGSwiftBrushLoss:
         guidance_scale = guidance_scale.to(x0.device).float()
         cond = as_conditioning(prompt_embeds)
         uncond = expand_conditioning(as_conditioning(uncond_prompt_embeds), batch_size)
+        teacher_uncond = uncond if negative_prompt_embeds is None else expand_conditioning(
+            as_conditioning(negative_prompt_embeds), batch_size
+        )  # fmt: skip
 
         # 1. diffuse the student's sample: x_t = a_t x0 + s_t eps
         alpha, sigma = alpha_sigma(teacher.alphas_cumprod.to(x0.device), timesteps, x0.ndim)
         x_t = alpha * x0.detach().float() + sigma * noise
-        # 2. teacher and fake score with the same guidance scale k (PG-SB), without gradient
+        # 2. teacher and fake score with the same guidance scale k (PG-SB), without gradient; NASA-T: the teacher's
+        # unconditional branch is the negative, the fake score's stays the empty prompt
         with torch.no_grad():
-            eps_teacher = teacher(x_t, timesteps, cond, guidance_scale, uncond).eps
+            eps_teacher = teacher(x_t, timesteps, cond, guidance_scale, teacher_uncond).eps
             if self.guide_fake_score:
                 eps_fake = fake_score(x_t, timesteps, cond, guidance_scale, uncond).eps
             else:

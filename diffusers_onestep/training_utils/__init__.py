@@ -41,6 +41,7 @@ from .loop import (
     step_generator,
     training_loop,
 )
+from .negatives import NASA_T_SCALE_RANGE, NegativePromptSampler, load_negative_prompts, student_nasa
 from .setup import (
     FAKE_SCORE_ADAPTER,
     STUDENT_ADAPTER,
@@ -64,6 +65,7 @@ from .validation import log_validation
 __all__ = [
     "FAKE_SCORE_ADAPTER",
     "LORA_LEARNING_RATE",
+    "NASA_T_SCALE_RANGE",
     "PRESETS",
     "STUDENT_ADAPTER",
     "STUDENT_LEARNING_RATE",
@@ -74,6 +76,7 @@ __all__ = [
     "HubUploadError",
     "LoopStep",
     "NaNGuard",
+    "NegativePromptSampler",
     "NonFiniteError",
     "TeacherComponents",
     "TrainingArgumentError",
@@ -95,6 +98,7 @@ __all__ = [
     "guard_finite",
     "list_checkpoints",
     "load_clip",
+    "load_negative_prompts",
     "load_prompts",
     "load_teacher",
     "load_training_prompts",
@@ -116,6 +120,7 @@ __all__ = [
     "secret_argument_names",
     "setup_accelerator",
     "step_generator",
+    "student_nasa",
     "teacher_class_name",
     "teacher_latent_shape",
     "training_backbone",

@@ -91,7 +91,8 @@ def test_nasa_t_run_saves_a_loadable_student_and_its_card_says_nasa_t(script, ti
     torch.testing.assert_close(sample(reloaded), sample(trained))
     card = ModelCard.load(out / "README.md")
     assert "nasa-t" in card.data.tags and "with NASA-T" in card.text
-    assert "| nasa_t_negative_prompts | 3 |" in card.text and "| nasa_scale |" in card.text
+    assert "| nasa_t_negative_prompts | 3 |" in card.text and "| nasa_t_scale_range | (0, 1) |" in card.text
+    assert "| guidance_scale | (0.5, 4) |" in card.text and "| nasa_scale |" in card.text  # the last alpha drawn
     assert "--negative_prompts" in card.text
 
 

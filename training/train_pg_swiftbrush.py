@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> DiffusionPipeline | None:
         hyperparameters = {k: getattr(args, k) for k in ("train_batch_size", "learning_rate", "max_train_steps")}
         hyperparameters.update(fake_score_learning_rate=pg.fake_score_learning_rate, guidance_scale=guidance_range)
         if negatives is not None:
-            hyperparameters.update(nasa_t_negative_prompts=len(negatives.prompts), nasa_scale=negatives.scale_range)
+            hyperparameters.update(nasa_t_negative_prompts=len(negatives.prompts), nasa_t_scale_range=nasa_range)
         method = "PG-SwiftBrush" if pg.fixed_guidance_scale is None else "SwiftBrush (fixed guidance)"
         save_model_card(
             args.output_dir, base_model=args.hub_base_model or args.pretrained_teacher_model_name_or_path,

@@ -264,8 +264,9 @@ def save_model_card(
 def _format_value(value):
     if isinstance(value, float):
         return _format_metric(value)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_format_value(v) for v in value)
+    if isinstance(value, (tuple, list)):  # "(0.5, 4)", not the repr of a tuple of strings "('0.5', '4')"
+        inner = ", ".join(str(_format_value(v)) for v in value)
+        return f"({inner})" if isinstance(value, tuple) else f"[{inner}]"
     return value
 
 

@@ -12,8 +12,9 @@ against the real train images of the nine other digits. Every method goes throug
 the teacher (diffusers' own `StableDiffusionPipeline`, DPM-Solver++, no CFG) alike; CFG is each pipeline's own
 (`negative_prompt=`, `guidance_scale > 1`). At equal NFE: the student's NASA / NAG at 2 steps against its CFG at 1
 step (2 NFE each; NASA / NAG at 1 step too), the teacher's NASA / NAG at 4 steps against its CFG at 2 steps (4 NFE
-each). Each method sweeps its scale (NASA `alpha`, NAG `phi` with the paper's SD1.5 `tau` 2.5 and `alpha` 0.375, CFG
-`guidance_scale`). Writes `results.json`, one grid per row and `removal_vs_fid.png` (removal against FID over each
+each). Each method sweeps its scale (NASA `alpha`, NAG `phi`, CFG
+`guidance_scale`; NAG's `tau` / `alpha` are the paper's for the pipeline family: SD1.5 2.5 / 0.375, SDXL 2.5 /
+0.5). Writes `results.json`, one grid per row and `removal_vs_fid.png` (removal against FID over each
 sweep, one line per model and method).
 """
 
@@ -145,8 +146,9 @@ def main(argv: list[str] | None = None) -> dict:
          ("s", "seconds", ".0f")],
         rows,
         [f"real test images of the other nine digits: FID other 9 = {floor:.2f} ({floor_n} per digit)",
-         "NASA scale = alpha; NAG scale = phi (tau 2.5, alpha 0.375: the NAG paper's SD1.5 values); CFG scale = "
-         "guidance_scale with the negative as unconditional branch; NASA / NAG scale 0 = no negative"],
+         "NASA scale = alpha; NAG scale = phi (tau, alpha: the NAG paper's values for the pipeline's family, SD1.5 "
+         "2.5 / 0.375, SDXL 2.5 / 0.5); CFG scale = guidance_scale with the negative as unconditional branch; NASA "
+         "scale 0 = no negative"],
     )  # fmt: skip
     print(text, flush=True)
     os.makedirs(args.output_dir, exist_ok=True)

@@ -22,6 +22,7 @@ from .backbones import (
     training_backbone,
 )
 from .data import load_prompts, load_training_prompts, prompt_batches
+from .distillation import Distillation
 from .errors import HubUploadError, NonFiniteError, TrainingArgumentError, run_script
 from .hub import format_command, mask_secrets, push_to_hub, save_model_card, save_student, upload_command
 from .loop import (
@@ -72,6 +73,7 @@ __all__ = [
     "TEACHER_PIPELINES",
     "TRAINING_BACKBONES",
     "AdapterView",
+    "Distillation",
     "DistillationUNets",
     "HubUploadError",
     "LoopStep",

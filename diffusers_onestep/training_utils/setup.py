@@ -409,6 +409,8 @@ class DistillationUNets:
         teacher (same class): the frozen base, carrying the fake-score adapter (and the LoRA student).
         student_parameters, fake_score_parameters (`list`): the trainable parameters of each role.
         shared (`bool`): whether student and teacher are one module (LoRA student).
+        fake_score (*optional*): the fake score's own module when it is a full trainable copy (SiD); `None` when it
+            is the LoRA adapter on `teacher`.
     """
 
     student: torch.nn.Module
@@ -416,6 +418,7 @@ class DistillationUNets:
     student_parameters: list
     fake_score_parameters: list
     shared: bool
+    fake_score: torch.nn.Module | None = None
 
     @property
     def student_adapter(self) -> str | None:
@@ -436,20 +439,25 @@ def build_distillation_unets(
 ) -> DistillationUNets:
     r"""
     Builds the student (full float32 copy when `student_lora_rank == 0`, else a LoRA adapter on `teacher_unet`) and
-    the fake score (a LoRA adapter on `teacher_unet`), then casts the frozen base to `dtype`. Trainable parameters
+    the fake score (a LoRA adapter on `teacher_unet`, or with `fake_score_lora_rank == 0` a full float32 copy of it,
+    as SiD trains it), then casts the frozen base to `dtype`. Trainable parameters
     stay float32 (mixed precision runs them under autocast). `teacher_unet` is a UNet or a PixArt transformer;
     `student_lora_target_modules=None` takes the backbone's default (`TrainingBackbone.student_lora_target_modules`).
     """
-    student = None
+    student = fake_score = None
     if student_lora_rank == 0:
         student = copy.deepcopy(teacher_unet).float().train().requires_grad_(True)
-    fake_params = add_lora_adapter(
-        teacher_unet,
-        adapter_name=FAKE_SCORE_ADAPTER,
-        rank=fake_score_lora_rank,
-        alpha=fake_score_lora_alpha,
-        target_modules=fake_score_lora_target_modules,
-    )
+    if fake_score_lora_rank == 0:
+        fake_score = copy.deepcopy(teacher_unet).float().train().requires_grad_(True)
+        fake_params = list(fake_score.parameters())
+    else:
+        fake_params = add_lora_adapter(
+            teacher_unet,
+            adapter_name=FAKE_SCORE_ADAPTER,
+            rank=fake_score_lora_rank,
+            alpha=fake_score_lora_alpha,
+            target_modules=fake_score_lora_target_modules,
+        )
     if student is None:
         student_params = add_lora_adapter(
             teacher_unet,
@@ -466,9 +474,10 @@ def build_distillation_unets(
     teacher_unet.to(dtype=dtype)
     cast_training_params([teacher_unet, student], dtype=torch.float32)
     if gradient_checkpointing:
-        for unet in {id(m): m for m in (student, teacher_unet)}.values():
+        for unet in {id(m): m for m in (student, teacher_unet, fake_score) if m is not None}.values():
             unet.enable_gradient_checkpointing()
-    return DistillationUNets(student, teacher_unet, student_params, fake_params, shared=student is teacher_unet)
+    return DistillationUNets(student, teacher_unet, student_params, fake_params, shared=student is teacher_unet,
+                             fake_score=fake_score)  # fmt: skip
 
 
 def make_optimizer(

@@ -85,12 +85,17 @@ _PGSB = {
     "flags": ["--fake_score_lora_rank=4", "--fake_score_lora_alpha=8"],
     "loss": ("diffusers_onestep.losses", "PGSwiftBrushLoss", "generator_loss"),
 }
+_SID = {"flags": ["--guidance_scale=2.0"], "loss": ("diffusers_onestep.losses", "SiDLoss", "generator_loss")}
 SCRIPTS = [
     ScriptCase("train_pg_swiftbrush", **_PGSB),
     ScriptCase("train_pg_swiftbrush", **_PGSB, backbone="sdxl", slow=True),
     ScriptCase("train_pg_swiftbrush", **_PGSB, backbone="pixart", slow=True),
     # NASA-T: its fast checks (resume included) are tests/test_nasa_t.py
     ScriptCase("train_pg_swiftbrush", **_PGSB, negative_prompts=True, slow=True),
+    # SiD: the paper's full fake-score copy (its LoRA mode: tests/test_train_sid.py)
+    ScriptCase("train_sid", **_SID),
+    ScriptCase("train_sid", **_SID, backbone="sdxl", slow=True),
+    ScriptCase("train_sid", **_SID, backbone="pixart", slow=True),
 ]
 
 

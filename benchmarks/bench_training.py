@@ -1,4 +1,4 @@
-"""PG-SwiftBrush training cost: step overhead and memory of the shared-base LoRA mode against the full student.
+"""Training cost of PG-SwiftBrush and SiD: step overhead and memory of the shared-base LoRA modes.
 
 1. Iteration time of the real script (`training/train_pg_swiftbrush.py`, timed between the loop's steps) divided by
    the sum of the passes one iteration needs, each timed alone on the same UNet: student forward+backward, teacher
@@ -7,6 +7,10 @@
 2. Peak memory of a run with a LoRA student (teacher, fake score and student on one frozen UNet) and with a full
    student (trainable copy + Adam states next to the teacher), each in a fresh process: CUDA peak allocated memory,
    or on CPU the peak resident set (VmHWM) above the process's size before the run.
+3. SiD (`training/train_sid.py`, `--methods sid`): its iteration over its passes timed alone (student forward without
+   gradient; the fake score's CFG forward+backward; the generator chain: student forward, teacher and fake-score CFG
+   forwards, one backward through all three, as SiD's loss has no stop-gradient), for a full and a LoRA fake score,
+   and the peak memory of a full fake-score copy against a LoRA fake score on the shared base (full student in both).
 
     python benchmarks/bench_training.py                  # CPU, a 16M-parameter UNet, a few minutes on 2 cores
     python benchmarks/bench_training.py --device cuda --unet sd15   # Stable Diffusion 1.5's UNet shape, random weights
@@ -31,7 +35,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "training" / "train_pg_swiftbrush.py"
+SCRIPTS = {"pgsb": REPO / "training" / "train_pg_swiftbrush.py", "sid": REPO / "training" / "train_sid.py"}
 _SMALL_BLOCKS = {
     "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
@@ -61,15 +65,16 @@ def build_teacher(path: str, unet_size: str) -> None:
     StableDiffusionPipeline(**components).save_pretrained(path, safe_serialization=True)
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_pg_swiftbrush", SCRIPT)
+def load_script(method: str = "pgsb"):
+    spec = importlib.util.spec_from_file_location(SCRIPTS[method].stem, SCRIPTS[method])
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
 
-def script_argv(teacher: str, output_dir: str, args, lora: bool, steps: int) -> list[str]:
+def script_argv(teacher: str, output_dir: str, args, lora: bool, steps: int, method: str = "pgsb") -> list[str]:
+    r"""PG-SB: `lora` is a LoRA student (else full). SiD: `lora` is a LoRA fake score (else a full copy), full student."""
     argv = [
         f"--pretrained_teacher_model_name_or_path={teacher}",
         f"--train_prompts={output_dir}/prompts.txt",
@@ -80,20 +85,27 @@ def script_argv(teacher: str, output_dir: str, args, lora: bool, steps: int) -> 
         "--report_to=none",
         "--mixed_precision=no",
         "--seed=0",
-        f"--fake_score_lora_rank={args.fake_score_lora_rank}",
-        f"--fake_score_lora_alpha={2 * args.fake_score_lora_rank}",
     ]
-    if lora:
-        argv += [f"--student_lora_rank={args.student_lora_rank}", "--learning_rate=1e-4"]
+    if method == "sid":
+        argv += ["--guidance_scale=2.0"]
+        if lora:
+            argv += [f"--fake_score_lora_rank={args.fake_score_lora_rank}"]
+    else:
+        argv += [f"--fake_score_lora_rank={args.fake_score_lora_rank}",
+                 f"--fake_score_lora_alpha={2 * args.fake_score_lora_rank}"]  # fmt: skip
+        if lora:
+            argv += [f"--student_lora_rank={args.student_lora_rank}", "--learning_rate=1e-4"]
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     Path(output_dir, "prompts.txt").write_text("a photo of a cat\na photo of a dog\nthe digit seven\n")
     return argv
 
 
-def time_iterations(script, teacher: str, args, lora: bool) -> float:
+def time_iterations(script, teacher: str, args, lora: bool, method: str = "pgsb") -> float:
     r"""Median seconds per iteration of the real script, measured between consecutive steps of its loop."""
+    from diffusers_onestep.training_utils import distillation
+
     stamps = []
-    original = script.training_loop
+    original = distillation.training_loop
 
     def timed_loop(*a, **k):
         for step in original(*a, **k):
@@ -101,10 +113,12 @@ def time_iterations(script, teacher: str, args, lora: bool) -> float:
             yield step
         stamps.append(time.perf_counter())
 
-    script.training_loop = timed_loop
-    with tempfile.TemporaryDirectory() as out:
-        script.main(script_argv(teacher, out, args, lora, args.warmup + args.steps))
-    script.training_loop = original
+    distillation.training_loop = timed_loop
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            script.main(script_argv(teacher, out, args, lora, args.warmup + args.steps, method))
+    finally:
+        distillation.training_loop = original
     if args.device == "cuda":
         torch.cuda.synchronize()
     deltas = sorted(b - a for a, b in zip(stamps[args.warmup :], stamps[args.warmup + 1 :]))
@@ -161,6 +175,48 @@ def time_passes(teacher_path: str, args, lora: bool) -> dict[str, float]:
     return timings
 
 
+def time_sid_passes(teacher_path: str, args, lora: bool) -> dict[str, float]:
+    r"""Median seconds of each pass of one SiD iteration (full student; `lora`: LoRA fake score), timed alone."""
+    from diffusers_onestep.losses import Denoiser, student_generate
+    from diffusers_onestep.schedulers import ConsistencyStudentScheduler
+    from diffusers_onestep.training_utils import (
+        FAKE_SCORE_ADAPTER,
+        AdapterView,
+        build_distillation_unets,
+        load_teacher,
+    )
+
+    device = torch.device(args.device)
+    teacher = load_teacher(teacher_path, device=device)
+    unets = build_distillation_unets(
+        teacher.unet, fake_score_lora_rank=args.fake_score_lora_rank if lora else 0, fake_score_lora_alpha=8
+    )
+    scheduler = ConsistencyStudentScheduler.from_config(teacher.scheduler.config, t_init=625)
+    acp = teacher.scheduler.alphas_cumprod.to(device)
+    student = AdapterView(unets.student, None)
+    teacher_d = Denoiser(AdapterView(unets.teacher, None), acp)
+    fake_module = unets.fake_score if unets.fake_score is not None else unets.teacher
+    fake_d = Denoiser(AdapterView(fake_module, None if unets.fake_score is not None else FAKE_SCORE_ADAPTER), acp)
+    size, b = unets.teacher.config.sample_size, args.batch_size
+    z = torch.randn(b, 4, size, size, device=device)
+    embeds = torch.randn(b, 16, unets.teacher.config.cross_attention_dim, device=device)
+    t, k = torch.full((b,), 500, device=device), torch.full((b,), 2.0)
+
+    def student_no_grad():
+        with torch.no_grad():
+            student_generate(student, scheduler, z, embeds)
+
+    def fake_train():
+        fake_d(z, t, embeds, k, embeds).eps.square().mean().backward()
+
+    def generator_chain():
+        x = student_generate(student, scheduler, z, embeds)
+        (teacher_d(x, t, embeds, k, embeds).x0 - fake_d(x, t, embeds, k, embeds).x0).square().mean().backward()
+
+    return {"student_fwd": _median_time(student_no_grad, args), "fake_score_cfg_fwd_bwd": _median_time(fake_train, args),
+            "generator_chain_fwd_bwd": _median_time(generator_chain, args)}  # fmt: skip
+
+
 def _median_time(fn, args) -> float:
     samples = []
     for i in range(args.warmup + args.steps):
@@ -190,11 +246,11 @@ def _reset_peak_rss() -> None:
         pass
 
 
-def measure_memory(teacher: str, args, lora: bool) -> float:
+def measure_memory(teacher: str, args, lora: bool, method: str = "pgsb") -> float:
     r"""Peak memory (MiB) of a short run; called in a fresh process (`--_memory_mode`)."""
-    script = load_script()
+    script = load_script(method)
     with tempfile.TemporaryDirectory() as out:
-        argv = script_argv(teacher, out, args, lora, 2)
+        argv = script_argv(teacher, out, args, lora, 2, method)
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
             script.main(argv)
@@ -209,6 +265,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--unet", default="small", choices=sorted(UNETS))
+    parser.add_argument("--methods", nargs="+", default=["pgsb", "sid"], choices=sorted(SCRIPTS))
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5, help="timed iterations")
     parser.add_argument("--warmup", type=int, default=2)
@@ -217,44 +274,47 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 is steadiest on a shared machine)")
     parser.add_argument("--teacher", default=None, help="an existing teacher directory (skips building one)")
     parser.add_argument("--_memory_mode", choices=["lora", "full"], help=argparse.SUPPRESS)
+    parser.add_argument("--_method", choices=sorted(SCRIPTS), default="pgsb", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     if args._memory_mode:
-        print(json.dumps({"peak_mib": measure_memory(args.teacher, args, args._memory_mode == "lora")}))
+        peak = measure_memory(args.teacher, args, args._memory_mode == "lora", args._method)
+        print(json.dumps({"peak_mib": peak}))
         return
 
+    passes_of = {"pgsb": time_passes, "sid": time_sid_passes}
+    results, memory = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         teacher = args.teacher or os.path.join(tmp, "teacher")
         if args.teacher is None:
             build_teacher(teacher, args.unet)
-        results = {}
-        script = load_script()
-        for mode in ("full", "lora"):
-            iteration = time_iterations(script, teacher, args, lora=mode == "lora")
-            passes = time_passes(teacher, args, lora=mode == "lora")
-            results[mode] = (iteration, passes)
-        memory = {}
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        for mode in ("full", "lora"):
-            cmd = [sys.executable, __file__, f"--_memory_mode={mode}", f"--teacher={teacher}"]
-            cmd += [f"--device={args.device}", f"--batch_size={args.batch_size}", f"--threads={args.threads}"]
-            cmd += [f"--student_lora_rank={args.student_lora_rank}"]
-            cmd += [f"--fake_score_lora_rank={args.fake_score_lora_rank}"]
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-            memory[mode] = json.loads(out.strip().splitlines()[-1])["peak_mib"]
+        for method in args.methods:
+            script = load_script(method)
+            for mode in ("full", "lora"):
+                iteration = time_iterations(script, teacher, args, lora=mode == "lora", method=method)
+                results[method, mode] = (iteration, passes_of[method](teacher, args, lora=mode == "lora"))
+                cmd = [sys.executable, __file__, f"--_memory_mode={mode}", f"--_method={method}", f"--teacher={teacher}"]
+                cmd += [f"--device={args.device}", f"--batch_size={args.batch_size}", f"--threads={args.threads}"]
+                cmd += [f"--student_lora_rank={args.student_lora_rank}"]
+                cmd += [f"--fake_score_lora_rank={args.fake_score_lora_rank}"]
+                out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+                memory[method, mode] = json.loads(out.strip().splitlines()[-1])["peak_mib"]
 
     print(f"\ndevice={args.device} unet={args.unet} batch_size={args.batch_size} threads={args.threads}")
-    for mode, (iteration, passes) in results.items():
-        print(f"[{mode}] passes alone: " + ", ".join(f"{k}={v * 1e3:.1f} ms" for k, v in passes.items()))
+    print("modes: pgsb full / lora = full / LoRA student; sid full / lora = full-copy / LoRA fake score")
+    for (method, mode), (iteration, passes) in results.items():
+        print(f"[{method} {mode}] passes alone: " + ", ".join(f"{k}={v * 1e3:.1f} ms" for k, v in passes.items()))
     print()
-    for mode, (iteration, passes) in results.items():
-        print(f"pgsb_{mode}_iteration_ms: {iteration * 1e3:.1f}")
-        print(f"pgsb_{mode}_passes_sum_ms: {sum(passes.values()) * 1e3:.1f}")
-        print(f"pgsb_{mode}_iteration_over_passes: {iteration / sum(passes.values()):.3f}")
-    print(f"peak_memory_lora_shared_mib: {memory['lora']:.1f}")
-    print(f"peak_memory_full_student_mib: {memory['full']:.1f}")
-    print(f"peak_memory_lora_over_full: {memory['lora'] / memory['full']:.3f}")
+    for (method, mode), (iteration, passes) in results.items():
+        print(f"{method}_{mode}_iteration_ms: {iteration * 1e3:.1f}")
+        print(f"{method}_{mode}_passes_sum_ms: {sum(passes.values()) * 1e3:.1f}")
+        print(f"{method}_{mode}_iteration_over_passes: {iteration / sum(passes.values()):.3f}")
+    for method in args.methods:
+        print(f"{method}_peak_memory_lora_mib: {memory[method, 'lora']:.1f}")
+        print(f"{method}_peak_memory_full_mib: {memory[method, 'full']:.1f}")
+        print(f"{method}_peak_memory_lora_over_full: {memory[method, 'lora'] / memory[method, 'full']:.3f}")
 
 
 if __name__ == "__main__":

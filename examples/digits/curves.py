@@ -50,7 +50,7 @@ def elapsed_minutes(log_path: str) -> dict[int, float]:
     return minutes
 
 
-def plot_minutes(curves: dict, path: str, reference_fid: float) -> str | None:
+def plot_minutes(curves: dict, path: str, reference_fid: float, xlabel: str | None = None) -> str | None:
     try:
         import matplotlib
 
@@ -63,7 +63,7 @@ def plot_minutes(curves: dict, path: str, reference_fid: float) -> str | None:
         timed = [p for p in points if p.get("minutes") is not None]
         axis.plot([p["minutes"] for p in timed], [p["fid"] for p in timed], marker="o", label=name)
     axis.axhline(reference_fid, color="grey", linestyle="--", label="teacher, 25 steps (reference)")
-    axis.set(xlabel="training wall minutes (one CPU thread)", ylabel="digits-FID, 1 step (log scale)", yscale="log",
+    axis.set(xlabel=xlabel or "training wall minutes (one CPU thread)", ylabel="digits-FID, 1 step (log scale)", yscale="log",
              title="digits-FID against training time")  # fmt: skip
     axis.legend()
     figure.savefig(path, dpi=120)
@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--judge_dir", required=True)
     parser.add_argument("--students", nargs="+", required=True, help="name=dir pairs (dirs holding checkpoint-N/)")
     parser.add_argument("--logs", nargs="*", default=[], help="name=training log pairs (for the minutes axis)")
+    parser.add_argument("--cpu_seconds_per_iteration", nargs="*", default=[],
+                        help="name=seconds pairs, measured alone: the minutes axis becomes iterations x seconds")
+    parser.add_argument("--from_json", default=None, help="re-plot a previous curves.json (no evaluation)")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--n_per_prompt", type=int, default=50)
     parser.add_argument("--t_init", type=int, default=800, help="for students without a saved scheduler/")
@@ -99,7 +102,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     students = dict(pair.split("=", 1) for pair in args.students)
     logs = {name: elapsed_minutes(path) for name, path in (pair.split("=", 1) for pair in args.logs)}
+    per_iteration = {name: float(v) for name, v in (pair.split("=", 1) for pair in args.cpu_seconds_per_iteration)}
     os.makedirs(args.output_dir, exist_ok=True)
+    if args.from_json:
+        with open(args.from_json) as file:
+            results = json.load(file)
+        return _plots(results, args, per_iteration)
 
     judge = load_judge(args.judge_dir)
     prompts = digit_prompts()
@@ -131,12 +139,20 @@ def main(argv: list[str] | None = None) -> dict:
         best = min(points[1:] or points, key=lambda p: p["fid"])
         print(f"{name}_best_fid: {best['fid']:.4f} (iteration {best['iteration']})")
 
-    plot = plot_distillation_curves(results["curves"], os.path.join(args.output_dir, "curves.png"),
-                                    reference_fid=reference["fid"])  # fmt: skip
-    if logs:
-        plot_minutes(results["curves"], os.path.join(args.output_dir, "curves_minutes.png"), reference["fid"])
     with open(os.path.join(args.output_dir, "curves.json"), "w") as file:
         json.dump({"args": vars(args), **results}, file, indent=2, default=float)
+    return _plots(results, args, per_iteration)
+
+
+def _plots(results: dict, args, per_iteration: dict) -> dict:
+    reference = results["teacher"]["fid"]
+    plot = plot_distillation_curves(results["curves"], os.path.join(args.output_dir, "curves.png"), reference_fid=reference)
+    for name, seconds in per_iteration.items():  # CPU minutes from the per-iteration cost measured alone
+        for point in results["curves"].get(name, []):
+            point["minutes"] = point["iteration"] * seconds / 60
+    if any(p.get("minutes") is not None for points in results["curves"].values() for p in points):
+        label = "CPU minutes (iterations x seconds per iteration, measured alone)" if per_iteration else None
+        plot_minutes(results["curves"], os.path.join(args.output_dir, "curves_minutes.png"), reference, label)
     print(f"plot: {plot}")
     return results
 

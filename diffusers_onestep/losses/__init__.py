@@ -8,12 +8,14 @@ from ..models.denoiser import (
     classifier_free_guidance,
     to_x0_eps,
 )
+from .consistency import ConsistencyTuningLoss, consistency_function, ect_r, sigma_to_timestep, vp_alpha_sigma
 from .generator import INPUT_TYPES, student_generate, student_input
 from .sid import SiDLoss
 from .vsd import PGSwiftBrushLoss, clamped_clip_loss
 
 
 __all__ = [
+    "ConsistencyTuningLoss",
     "INPUT_TYPES",
     "PREDICTION_TYPES",
     "Denoiser",
@@ -23,7 +25,11 @@ __all__ = [
     "alpha_sigma",
     "clamped_clip_loss",
     "classifier_free_guidance",
+    "consistency_function",
+    "ect_r",
+    "sigma_to_timestep",
     "student_generate",
     "student_input",
     "to_x0_eps",
+    "vp_alpha_sigma",
 ]

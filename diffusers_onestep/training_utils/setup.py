@@ -471,7 +471,8 @@ def build_distillation_unets(
         student = teacher_unet
     else:
         student_params = list(student.parameters())
-    teacher_unet.to(dtype=dtype)
+    if any(p.dtype != dtype for p in teacher_unet.parameters()):  # diffusers 0.42 warns on every cast, even a no-op
+        teacher_unet.to(dtype=dtype)
     cast_training_params([teacher_unet, student], dtype=torch.float32)
     if gradient_checkpointing:
         for unet in {id(m): m for m in (student, teacher_unet, fake_score) if m is not None}.values():

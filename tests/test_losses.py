@@ -1,30 +1,12 @@
 """Math tests of the one-step generator and the PG-SB losses (hand computations, identities, gradient routing)."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
+from toy_models import ToyUNet
 
 from diffusers_onestep.losses import Denoiser, PGSwiftBrushLoss, alpha_sigma, clamped_clip_loss, student_generate
 from diffusers_onestep.schedulers import ConsistencyStudentScheduler
 from diffusers_onestep.testing_utils import get_dummy_components
-
-
-class ToyUNet(torch.nn.Module):
-    """`out = c * x_t + d * mean(encoder_hidden_states)`: every loss term can be written out by hand."""
-
-    def __init__(self, c: float, d: float):
-        super().__init__()
-        self.c = torch.nn.Parameter(torch.tensor(c))
-        self.d = torch.nn.Parameter(torch.tensor(d))
-
-    @property
-    def dtype(self):
-        return torch.float32
-
-    def forward(self, sample, timestep, encoder_hidden_states, cross_attention_kwargs=None):
-        offset = encoder_hidden_states.mean(dim=(1, 2)).reshape(-1, 1, 1, 1)
-        return SimpleNamespace(sample=self.c * sample + self.d * offset)
 
 
 def _scheduler(prediction_type="epsilon", t_init=999, input_type="noise"):

@@ -11,8 +11,8 @@ from diffusers_onestep.losses import (
     consistency_function,
     ect_r,
     sigma_to_timestep,
-    vp_alpha_sigma,
 )
+from diffusers_onestep.models.denoiser import alpha_sigma
 from diffusers_onestep.testing_utils import get_dummy_components
 
 
@@ -52,7 +52,7 @@ def test_ect_r_matches_hand_values(t, stage, q, expected):
 def test_sigma_timestep_round_trip_and_interpolation():
     abar = _abar()
     t = torch.tensor([0.0, 3.25, 500.5, 999.0])
-    a, s = vp_alpha_sigma(abar, t, 1)
+    a, s = alpha_sigma(abar, t, 1)
     assert a[1] ** 2 == pytest.approx(0.75 * abar[3].item() + 0.25 * abar[4].item(), rel=1e-6)
     assert torch.allclose(sigma_to_timestep(abar, (s / a).flatten()), t, atol=5e-2)  # log-sigma vs abar interpolation
 
@@ -64,7 +64,7 @@ def test_boundary_condition_is_exact(parametrization):
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     cond = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(1))
     t_min = torch.zeros(2)
-    a_min, s_min = vp_alpha_sigma(denoiser.alphas_cumprod, t_min)
+    a_min, s_min = alpha_sigma(denoiser.alphas_cumprod, t_min)
     sigma_min = (s_min / a_min).flatten()[0].item()
     f = consistency_function(denoiser, x, t_min, cond, sigma_min, parametrization)
     assert torch.equal(f, x / a_min)  # f(y, sigma_min) = y in the EDM variable y = x_t / a_t
@@ -110,12 +110,12 @@ def test_stf_with_one_reference_equals_the_single_sample_target():
     # every sample is alone in its group: the STF estimate is the sample's own eps
     stf, _ = ConsistencyTuningLoss(target="stf")(denoiser, latents, cond, group=torch.arange(3), **kwargs)
     assert torch.allclose(stf, ect, rtol=1e-4, atol=1e-5)
-    a, s = vp_alpha_sigma(denoiser.alphas_cumprod, torch.tensor([10.0, 300.0, 900.0]))
+    a, s = alpha_sigma(denoiser.alphas_cumprod, torch.tensor([10.0, 300.0, 900.0]))
     x_t = a * latents + s * kwargs["noise"]
     eps = ConsistencyTuningLoss.stf_eps(x_t, a, s, torch.arange(3), latents=latents)
     assert torch.allclose(eps, kwargs["noise"], atol=1e-4)
     # a shared group mixes references: the estimate changes, and only within the group
-    a, s = vp_alpha_sigma(denoiser.alphas_cumprod, torch.full((3,), 999.0))
+    a, s = alpha_sigma(denoiser.alphas_cumprod, torch.full((3,), 999.0))
     x_t = a * latents + s * kwargs["noise"]
     mixed = ConsistencyTuningLoss.stf_eps(x_t, a, s, torch.tensor([0, 0, 1]), latents=latents)
     assert torch.allclose(mixed[2], kwargs["noise"][2], atol=1e-4)

@@ -1,10 +1,9 @@
 """Math tests of the SiD / SiD-LSG losses: hand computations, identities, gradient routing, non-finite masking."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from toy_models import ToyUNet
 
 from diffusers_onestep.losses import Denoiser, SiDLoss, student_generate
 from diffusers_onestep.schedulers import ConsistencyStudentScheduler
@@ -12,23 +11,6 @@ from diffusers_onestep.testing_utils import get_dummy_components
 
 
 ABAR = torch.linspace(0.99, 0.01, 1000)
-
-
-class ToyUNet(torch.nn.Module):
-    """`out = c * x_t + d * mean(encoder_hidden_states)`: every loss term can be written out by hand."""
-
-    def __init__(self, c: float, d: float):
-        super().__init__()
-        self.c = torch.nn.Parameter(torch.tensor(c))
-        self.d = torch.nn.Parameter(torch.tensor(d))
-
-    @property
-    def dtype(self):
-        return torch.float32
-
-    def forward(self, sample, timestep, encoder_hidden_states, cross_attention_kwargs=None):
-        offset = encoder_hidden_states.mean(dim=(1, 2)).reshape(-1, 1, 1, 1)
-        return SimpleNamespace(sample=self.c * sample + self.d * offset)
 
 
 def _ab(timesteps):

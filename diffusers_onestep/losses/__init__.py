@@ -8,7 +8,7 @@ from ..models.denoiser import (
     classifier_free_guidance,
     to_x0_eps,
 )
-from .consistency import ConsistencyTuningLoss, consistency_function, ect_r, sigma_to_timestep, vp_alpha_sigma
+from .consistency import ConsistencyTuningLoss, consistency_function, ect_r, sigma_to_timestep
 from .generator import INPUT_TYPES, student_generate, student_input
 from .sid import SiDLoss
 from .vsd import PGSwiftBrushLoss, clamped_clip_loss
@@ -31,5 +31,4 @@ __all__ = [
     "student_generate",
     "student_input",
     "to_x0_eps",
-    "vp_alpha_sigma",
 ]

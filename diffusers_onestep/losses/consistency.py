@@ -31,25 +31,15 @@ from __future__ import annotations
 
 import torch
 
-from ..models.backbones import as_conditioning
-from ..models.denoiser import Denoiser, to_x0_eps
+from ..models.denoiser import Denoiser, alpha_sigma
 
 
-__all__ = ["ConsistencyTuningLoss", "consistency_function", "ect_r", "sigma_to_timestep", "vp_alpha_sigma"]
+__all__ = ["ConsistencyTuningLoss", "consistency_function", "ect_r", "sigma_to_timestep"]
 
 
 def ect_r(t: torch.Tensor, stage: int, q: float = 2.0, k: float = 8.0, b: float = 1.0) -> torch.Tensor:
     r"""ECT's sigmoid rule in EDM sigma: `r = clamp(t (1 - (1 + k sigmoid(-b t)) / q^(stage + 1)), 0)`."""
     return torch.clamp(t * (1 - (1 + k * torch.sigmoid(-b * t)) / q ** (stage + 1)), min=0)
-
-
-def vp_alpha_sigma(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, ndim: int = 4):
-    r"""`(a_t, s_t)` at fractional `timesteps` (`(batch,)`), `abar` linearly interpolated, float32, broadcastable."""
-    abar_table = alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)
-    t = timesteps.float().reshape(-1).clamp(0, abar_table.shape[0] - 1)
-    low = t.floor().long().clamp(max=abar_table.shape[0] - 2)
-    abar = torch.lerp(abar_table[low], abar_table[low + 1], t - low).reshape(-1, *([1] * (ndim - 1)))
-    return abar.sqrt(), (1.0 - abar).sqrt()
 
 
 def sigma_to_timestep(alphas_cumprod: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
@@ -70,9 +60,8 @@ def consistency_function(
     `f(x_t, t) = c_skip y + c_out x0_hat(x_t, t)`, `y = x_t / a_t`, at fractional `timesteps` `(batch,)` (module
     docstring). `sample` is `x_t` `(batch, C, H, W)`; `cond` a conditioning dict or SD's `encoder_hidden_states`.
     """
-    alpha, sigma_t = vp_alpha_sigma(denoiser.alphas_cumprod, timesteps.to(sample.device), sample.ndim)
-    model_output = denoiser.backbone(denoiser.unet, sample.to(denoiser.unet.dtype), timesteps, as_conditioning(cond))
-    x0_hat, _ = to_x0_eps(model_output, sample, alpha, sigma_t, denoiser.prediction_type)
+    alpha, sigma_t = alpha_sigma(denoiser.alphas_cumprod.to(sample.device), timesteps, sample.ndim)
+    x0_hat = denoiser(sample, timesteps.float(), cond).x0  # fractional timesteps reach the network as they are
     sigma = sigma_t / alpha
     c_out = (sigma - sigma_min) / sigma  # both: exactly 0 at sigma_min (`sigma_min / sigma` is not exactly 1 in torch)
     if parametrization == "ddim":
@@ -124,15 +113,15 @@ class ConsistencyTuningLoss:
         The unreduced loss `(batch,)` of `latents` `x0` `(batch, C, H, W)` and logs. `sigmas` / `r_sigmas` (EDM,
         `(batch,)`) and `noise` are drawn (from `generator`) unless given; `group` `(batch,)` ids the condition.
         """
-        batch, device, abar = latents.shape[0], latents.device, denoiser.alphas_cumprod
+        batch, device, abar = latents.shape[0], latents.device, denoiser.alphas_cumprod.to(latents.device)
         x0 = latents.float()
         gen_device = generator.device if generator is not None else "cpu"
         # 1. t ~ LogNormal(P_mean, P_std) in sigma, then to a fractional timestep (sigma recomputed from it)
         if sigmas is None:
             sigmas = (torch.randn(batch, generator=generator, device=gen_device) * self.P_std + self.P_mean).exp()
         timesteps = sigma_to_timestep(abar, sigmas.to(device))
-        a_t, s_t = vp_alpha_sigma(abar, timesteps, x0.ndim)
-        a_0, s_0 = vp_alpha_sigma(abar, torch.zeros(1, device=device), 1)
+        a_t, s_t = alpha_sigma(abar, timesteps, x0.ndim)
+        a_0, s_0 = alpha_sigma(abar, torch.zeros(1, device=device), 1)
         sigma_t, sigma_0 = s_t / a_t, float(s_0 / a_0)
         sigma_min = sigma_0 if self.sigma_min is None else self.sigma_min
         # 2. r from the stage's sigmoid rule; below sigma_min it is 0 (target x0)
@@ -140,7 +129,7 @@ class ConsistencyTuningLoss:
         r = r.reshape(sigma_t.shape)
         sigma_floor = max(sigma_min, sigma_0)
         r_timesteps = sigma_to_timestep(abar, r.clamp(min=sigma_floor))
-        a_r, s_r = vp_alpha_sigma(abar, r_timesteps, x0.ndim)
+        a_r, s_r = alpha_sigma(abar, r_timesteps, x0.ndim)
         has_r = (r >= sigma_floor) & (s_r / a_r < sigma_t)  # r under the schedule's or the boundary's sigma: r = 0
         r = torch.where(has_r, s_r / a_r, torch.zeros_like(r))
         # 3. shared noise: x_t = a_t x0 + s_t eps, x_r = a_r x0 + s_r eps (SCT: Euler step with the STF estimate)

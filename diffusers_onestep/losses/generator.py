@@ -14,7 +14,7 @@ from ..models.denoiser import INPUT_TYPES, Denoiser
 from ..models.denoiser import student_input as _student_input
 
 
-__all__ = ["INPUT_TYPES", "student_generate", "student_input"]
+__all__ = ["INPUT_TYPES", "noise_and_timesteps", "student_generate", "student_input"]
 
 
 def student_input(scheduler, noise: torch.Tensor) -> torch.Tensor:
@@ -61,3 +61,13 @@ def student_generate(
     denoiser = Denoiser(unet, scheduler.alphas_cumprod, scheduler.config.prediction_type, backbone=backbone)
     sample = student_input(scheduler, noise)
     return denoiser(sample, scheduler.config.t_init, prompt_embeds, cross_attention_kwargs=cross_attention_kwargs).x0
+
+
+def noise_and_timesteps(x0, noise, timesteps, low: int, high: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The given `noise` / `timesteps`, or draws from `generator`: `eps ~ N(0, I)`, `t ~ U{low..high}` (inclusive)."""
+    device = generator.device if generator is not None else "cpu"
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device=device)
+    if timesteps is None:
+        timesteps = torch.randint(low, high + 1, (x0.shape[0],), generator=generator, device=device)
+    return noise.to(x0.device).float(), timesteps.to(x0.device).long()

@@ -29,16 +29,10 @@ import torch
 
 from ..models.backbones import as_conditioning, expand_conditioning, where_conditioning
 from ..models.denoiser import Denoiser, alpha_sigma
+from .generator import noise_and_timesteps
 
 
 __all__ = ["SiDLoss"]
-
-
-def _guided(denoiser: Denoiser, x_t, timesteps, cond: dict, uncond: dict, guidance_scale: float):
-    """`denoiser` at `x_t` with CFG scale `k`; `k == 1` runs the conditional branch alone (as the official code)."""
-    if guidance_scale == 1:
-        return denoiser(x_t, timesteps, cond)
-    return denoiser(x_t, timesteps, cond, guidance_scale, uncond)
 
 
 def _finite(x: torch.Tensor) -> torch.Tensor:
@@ -93,13 +87,7 @@ class SiDLoss:
         """The given `noise` / `timesteps`, or `eps ~ N(0, I)`, `t ~ U{min..max}` from `generator`."""
         if self.max_timestep >= num_train_timesteps:
             raise ValueError(f"`max_timestep` must be < {num_train_timesteps}, got {self.max_timestep}.")
-        device = generator.device if generator is not None else "cpu"
-        if noise is None:
-            noise = torch.randn(x_g.shape, generator=generator, device=device)
-        if timesteps is None:
-            low, high = self.min_timestep, self.max_timestep + 1
-            timesteps = torch.randint(low, high, (x_g.shape[0],), generator=generator, device=device)
-        return noise.to(x_g.device).float(), timesteps.to(x_g.device).long()
+        return noise_and_timesteps(x_g, noise, timesteps, self.min_timestep, self.max_timestep, generator)
 
     def sample_uncond_mask(self, batch_size: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
         r"""
@@ -140,8 +128,8 @@ class SiDLoss:
         alpha_t, sigma_t = alpha_sigma(teacher.alphas_cumprod.to(x_g.device), timesteps, x_g.ndim)
         x_t = alpha_t * x_g + sigma_t * noise
         # 2. y_real (kappa_4) and y_fake (kappa_2), the x0 predictions; no no_grad: their input carries G's gradient
-        y_real = _guided(teacher, x_t, timesteps, cond, uncond, self.guidance_scale_teacher).x0
-        y_fake = _guided(fake_score, x_t, timesteps, cond, uncond, self.guidance_scale_fake).x0
+        y_real = teacher(x_t, timesteps, cond, self.guidance_scale_teacher, uncond).x0
+        y_fake = fake_score(x_t, timesteps, cond, self.guidance_scale_fake, uncond).x0
         # 3. drop non-finite samples before any arithmetic (NaN times a zero gradient is NaN); the divisor stays `batch`
         keep = _finite(x_g) & _finite(y_real) & _finite(y_fake)
         x_g, y_real, y_fake = x_g[keep], y_real[keep], y_fake[keep]
@@ -186,7 +174,7 @@ class SiDLoss:
 
         alpha_t, sigma_t = alpha_sigma(fake_score.alphas_cumprod.to(x_g.device), timesteps, x_g.ndim)
         x_t = alpha_t * x_g + sigma_t * noise
-        eps_fake = _guided(fake_score, x_t, timesteps, cond, uncond, self.guidance_scale_train_fake).eps
+        eps_fake = fake_score(x_t, timesteps, cond, self.guidance_scale_train_fake, uncond).eps
         keep = _finite(x_g) & _finite(eps_fake)
         loss = ((eps_fake[keep] - noise[keep]) ** 2).sum() * (self.loss_scaling / batch_size)
         return loss, {"loss_fake_score": loss.detach(), "num_nonfinite_fake": (~keep).sum()}

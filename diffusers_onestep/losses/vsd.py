@@ -30,19 +30,10 @@ import torch.nn.functional as F
 
 from ..models.backbones import as_conditioning, expand_conditioning, where_conditioning
 from ..models.denoiser import Denoiser, alpha_sigma
+from .generator import noise_and_timesteps
 
 
 __all__ = ["PGSwiftBrushLoss", "clamped_clip_loss"]
-
-
-def _noise_and_timesteps(x0, noise, timesteps, low: int, high: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """The given `noise` / `timesteps`, or draws from `generator`: `eps ~ N(0, I)`, `t ~ U{low..high}`."""
-    device = generator.device if generator is not None else "cpu"
-    if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, device=device)
-    if timesteps is None:
-        timesteps = torch.randint(low, high + 1, (x0.shape[0],), generator=generator, device=device)
-    return noise.to(x0.device).float(), timesteps.to(x0.device).long()
 
 
 class PGSwiftBrushLoss:
@@ -135,7 +126,7 @@ class PGSwiftBrushLoss:
         batch_size, num_train_timesteps = x0.shape[0], teacher.alphas_cumprod.shape[0]
         if self.max_timestep >= num_train_timesteps:
             raise ValueError(f"`max_timestep` must be < {num_train_timesteps}, got {self.max_timestep}.")
-        noise, timesteps = _noise_and_timesteps(x0, noise, timesteps, self.min_timestep, self.max_timestep, generator)
+        noise, timesteps = noise_and_timesteps(x0, noise, timesteps, self.min_timestep, self.max_timestep, generator)
         if guidance_scale is None:
             guidance_scale = self.sample_guidance_scale(batch_size, device=x0.device, generator=generator)
         guidance_scale = guidance_scale.to(x0.device).float()
@@ -196,7 +187,7 @@ class PGSwiftBrushLoss:
         """
         x0, batch_size = x0.detach().float(), x0.shape[0]
         last = fake_score.alphas_cumprod.shape[0] - 1
-        noise, timesteps = _noise_and_timesteps(x0, noise, timesteps, 0, last, generator)
+        noise, timesteps = noise_and_timesteps(x0, noise, timesteps, 0, last, generator)
         if uncond_mask is None:
             uncond_mask = torch.rand(batch_size, generator=generator, device=generator.device if generator else "cpu")
             uncond_mask = uncond_mask < self.uncond_prob

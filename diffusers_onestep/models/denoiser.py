@@ -32,11 +32,19 @@ def alpha_sigma(
     alphas_cumprod: torch.Tensor, timesteps: torch.Tensor | int, ndim: int = 4
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""
-    `a_t = sqrt(abar_t)` and `s_t = sqrt(1 - abar_t)` for integer `timesteps`, in float32, shaped `(batch, 1, ..., 1)`
-    with `ndim` dimensions so they broadcast against samples.
+    `a_t = sqrt(abar_t)` and `s_t = sqrt(1 - abar_t)` in float32, shaped `(batch, 1, ..., 1)` with `ndim` dimensions so
+    they broadcast against samples. Integer `timesteps` index the table; floating-point ones (continuous noise levels,
+    ECT) interpolate `abar` linearly between the neighbouring integers, clamped to `[0, T - 1]`.
     """
-    timesteps = torch.as_tensor(timesteps, device=alphas_cumprod.device).long().reshape(-1)
-    abar = alphas_cumprod.to(torch.float32)[timesteps].reshape(-1, *([1] * (ndim - 1)))
+    table = alphas_cumprod.to(torch.float32)
+    timesteps = torch.as_tensor(timesteps, device=alphas_cumprod.device).reshape(-1)
+    if timesteps.is_floating_point():
+        t = timesteps.float().clamp(0, table.shape[0] - 1)
+        low = t.floor().long().clamp(max=table.shape[0] - 2)
+        abar = torch.lerp(table[low], table[low + 1], t - low)
+    else:
+        abar = table[timesteps.long()]
+    abar = abar.reshape(-1, *([1] * (ndim - 1)))
     return abar.sqrt(), (1.0 - abar).sqrt()
 
 
@@ -140,13 +148,15 @@ class Denoiser:
         cross_attention_kwargs: dict | None = None,
     ) -> DenoiserOutput:
         r"""
-        Denoises `sample` (`x_t`, `(batch, C, H, W)`) at integer `timesteps` (scalar or `(batch,)`).
+        Denoises `sample` (`x_t`, `(batch, C, H, W)`) at `timesteps` (scalar or `(batch,)`; integer, or floating
+        point for continuous noise levels, passed to the network as they are and interpolated in the schedule).
 
         The conditioning is a dict for the backbone adapter (`{"encoder_hidden_states": ...}` for SD, plus
         `text_embeds` / `time_ids` for SDXL, `encoder_attention_mask` for PixArt); a tensor means SD's
         `encoder_hidden_states`. With `guidance_scale` (float or `(batch,)`) and the unconditional conditioning, the
         two branches run as one batched call and are combined by `classifier_free_guidance` on the raw outputs (every
-        conversion is linear in the output, so this equals guiding `x0` or `eps`).
+        conversion is linear in the output, so this equals guiding `x0` or `eps`); a float `guidance_scale` of 1 runs
+        the conditional branch alone.
         """
         from .backbones import cat_conditioning
 
@@ -157,10 +167,12 @@ class Denoiser:
         if uncond is not None and not isinstance(uncond, dict):
             uncond = {**cond, "encoder_hidden_states": uncond}
         batch_size = sample.shape[0]
-        timesteps = torch.as_tensor(timesteps, device=sample.device).long().reshape(-1).expand(batch_size)
+        timesteps = torch.as_tensor(timesteps, device=sample.device).reshape(-1)
+        timesteps = (timesteps if timesteps.is_floating_point() else timesteps.long()).expand(batch_size)
         alpha, sigma = alpha_sigma(self.alphas_cumprod.to(sample.device), timesteps, sample.ndim)
         model_input = sample.to(self.unet.dtype)
-        if guidance_scale is not None and uncond is not None:
+        unit_scale = isinstance(guidance_scale, (int, float)) and guidance_scale == 1
+        if guidance_scale is not None and uncond is not None and not unit_scale:
             model_output = self.backbone(
                 self.unet, torch.cat([model_input, model_input]), torch.cat([timesteps, timesteps]),
                 cat_conditioning(uncond, cond), cross_attention_kwargs,

@@ -32,12 +32,10 @@ from diffusers_onestep.training_utils import (
     NegativePromptSampler,
     TrainingArguments,
     arg,
-    backward_if_finite,
     clip_embeddings,
     load_clip,
     load_negative_prompts,
     load_training_prompts,
-    optimizer_step,
     parse_args,
     rank_slice,
     run_script,
@@ -98,7 +96,7 @@ def main(argv: list[str] | None = None) -> DiffusionPipeline | None:
         fake_score_lora_rank=pg.fake_score_lora_rank, fake_score_lora_alpha=pg.fake_score_lora_alpha,
         fake_score_lora_target_modules=pg.fake_score_lora_target_modules,
     )  # fmt: skip
-    accelerator, device, unets, student, scheduler = run.accelerator, run.device, run.unets, run.student, run.scheduler
+    accelerator, device, student, scheduler = run.accelerator, run.device, run.student, run.scheduler
     clip = load_clip(pg.clip_model_name_or_path, dtype=run.dtype, device=device) if pg.clip_model_name_or_path else None
 
     logs = {}
@@ -137,21 +135,12 @@ def main(argv: list[str] | None = None) -> DiffusionPipeline | None:
                 loss_g = loss_g + pg.clip_loss_weight * (1 - step.global_step / args.max_train_steps) * loss_clip
                 logs_g["loss_clip"] = loss_clip.detach()
             student.activate()  # gradient checkpointing re-runs the student's forward (with NASA-T's NASA) in backward
-            with nasa():
-                backward_if_finite(accelerator, loss_g, step.global_step, run.nan_guard, "loss_student")
-            optimizer_step(
-                accelerator, run.opt_student, run.sched_student, unets.student_parameters, args.max_grad_norm,
-                step.global_step, run.nan_guard,
-            )  # fmt: skip
+            run.update_student(loss_g, step, during_backward=nasa)
             # 4. fake-score loss on stopgrad(x0): t ~ U{0..T-1}, empty prompt with probability 0.1
             loss_f, logs_f = loss_fn.fake_score_loss(
                 run.fake_score_train, x0, cond, run.uncond, noise=eps_fake, timesteps=t_fake, uncond_mask=drop
             )
-            backward_if_finite(accelerator, loss_f, step.global_step, run.nan_guard, "loss_fake_score")
-            optimizer_step(
-                accelerator, run.opt_fake, run.sched_fake, unets.fake_score_parameters, args.max_grad_norm,
-                step.global_step, run.nan_guard,
-            )  # fmt: skip
+            run.update_fake_score(loss_f, step)
         # 5. alternate 1:1 (student update, then fake-score update); EMA of the student after its update
         run.ema_step()
         step.logs.update(logs_g, **logs_f, lr=run.sched_student.get_last_lr()[0])

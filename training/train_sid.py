@@ -20,7 +20,6 @@ at alpha 1): judge checkpoints by validation images and FID.
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -32,9 +31,7 @@ from diffusers_onestep.training_utils import (
     Distillation,
     TrainingArguments,
     arg,
-    backward_if_finite,
     load_training_prompts,
-    optimizer_step,
     parse_args,
     rank_slice,
     run_script,
@@ -66,18 +63,6 @@ class SiDArguments:
     loss_scaling: float = arg(1.0, "Multiplies both losses (SiD-LSG 1; SiD on EDM 100 for G).", low=0, low_open=True)
 
 
-@contextmanager
-def frozen(params: list[torch.nn.Parameter]):
-    r"""`requires_grad=False` on `params` for the block: the fake score gets no gradient from the generator's loss."""
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
 def main(argv: list[str] | None = None) -> DiffusionPipeline | None:
     r"""
     Trains a SiD / SiD-LSG student; returns it on the main process as its backbone's student pipeline
@@ -104,7 +89,7 @@ def main(argv: list[str] | None = None) -> DiffusionPipeline | None:
         fake_score_lora_rank=sid.fake_score_lora_rank, fake_score_lora_alpha=sid.fake_score_lora_alpha,
         fake_score_lora_target_modules=sid.fake_score_lora_target_modules,
     )  # fmt: skip
-    accelerator, unets, student, scheduler = run.accelerator, run.unets, run.student, run.scheduler
+    accelerator, student, scheduler = run.accelerator, run.student, run.scheduler
 
     logs = {}
     for step in run.steps():
@@ -128,26 +113,18 @@ def main(argv: list[str] | None = None) -> DiffusionPipeline | None:
             loss_f, logs_f = loss_fn.fake_score_loss(
                 run.fake_score_train, x_fake, cond, run.uncond, noise=eps_fake, timesteps=t_fake, uncond_mask=drop
             )
-            backward_if_finite(accelerator, loss_f, step.global_step, run.nan_guard, "loss_fake_score")
-            optimizer_step(
-                accelerator, run.opt_fake, run.sched_fake, unets.fake_score_parameters, args.max_grad_norm,
-                step.global_step, run.nan_guard,
-            )  # fmt: skip
+            run.update_fake_score(loss_f, step)
             # 3. x_g = G(z, c) with gradient (no prompt dropout for G's step)
             x_g = student_generate(student, scheduler, z, cond)
             # 4. generator step: y_real = x0 of f_phi (kappa_4), y_fake = x0 of f_psi (kappa_2), no stop-gradient on
             # either (only w is detached); L = w (y_real - y_fake)^T [(y_real - x_g) - alpha (y_real - y_fake)]. The
             # fake score is frozen for this step so that only G's parameters get a gradient
-            with frozen(unets.fake_score_parameters):
+            with run.fake_score_frozen():
                 loss_g, logs_g = loss_fn.generator_loss(
                     run.teacher_score, run.fake_score, x_g, cond, run.uncond, noise=eps, timesteps=t
                 )
                 student.activate()  # gradient checkpointing re-runs the student's forward during backward
-                backward_if_finite(accelerator, loss_g, step.global_step, run.nan_guard, "loss_sid")
-            optimizer_step(
-                accelerator, run.opt_student, run.sched_student, unets.student_parameters, args.max_grad_norm,
-                step.global_step, run.nan_guard,
-            )  # fmt: skip
+                run.update_student(loss_g, step, "loss_sid")
         # 5. EMA of G after its update
         run.ema_step()
         step.logs.update(logs_g, **logs_f, lr=run.sched_student.get_last_lr()[0])

@@ -12,6 +12,7 @@ optional Hub upload. The scripts keep only their per-iteration body, which there
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from typing import Any
 
@@ -28,7 +29,9 @@ from .hub import format_command, push_to_hub, save_model_card, save_student
 from .loop import (
     LoopStep,
     NaNGuard,
+    backward_if_finite,
     check_weights,
+    optimizer_step,
     rank_slice,
     register_checkpoint_hooks,
     resume_from_checkpoint,
@@ -189,10 +192,38 @@ class Distillation:
         validate = self.validate if self.args.validation_prompts else None
         return training_loop(self.accelerator, self.args, self.first_step, self.checkpoint, validate)
 
-    def global_noise(self, generator: torch.Generator, *shape: int) -> torch.Tensor:
-        r"""Noise of the global batch from the step's generator, as this rank's slice on the device."""
-        size = (self.args.train_batch_size * self.num_processes, *(shape or self.latent_shape))
+    def global_noise(self, generator: torch.Generator) -> torch.Tensor:
+        r"""Latent-shaped noise of the global batch from the step's generator, as this rank's slice on the device."""
+        size = (self.args.train_batch_size * self.num_processes, *self.latent_shape)
         return rank_slice(torch.randn(size, generator=generator), self.accelerator).to(self.device)
+
+    def update_student(self, loss: torch.Tensor, step: LoopStep, name: str = "loss_student", during_backward=None):
+        r"""Backward of `loss` (skipped when not finite, per `--nan_policy`), then the student's optimizer step.
+        `during_backward` (a context-manager factory) is entered around the backward, e.g. NASA-T's NASA under
+        gradient checkpointing."""
+        with during_backward() if during_backward is not None else nullcontext():
+            backward_if_finite(self.accelerator, loss, step.global_step, self.nan_guard, name)
+        optimizer_step(self.accelerator, self.opt_student, self.sched_student, self.unets.student_parameters,
+                       self.args.max_grad_norm, step.global_step, self.nan_guard)  # fmt: skip
+
+    def update_fake_score(self, loss: torch.Tensor, step: LoopStep, name: str = "loss_fake_score"):
+        r"""Backward of `loss` (skipped when not finite), then the fake score's optimizer step."""
+        backward_if_finite(self.accelerator, loss, step.global_step, self.nan_guard, name)
+        optimizer_step(self.accelerator, self.opt_fake, self.sched_fake, self.unets.fake_score_parameters,
+                       self.args.max_grad_norm, step.global_step, self.nan_guard)  # fmt: skip
+
+    @contextmanager
+    def fake_score_frozen(self):
+        r"""`requires_grad=False` on the fake score's parameters for the block (SiD's generator step: gradients flow
+        through the fake score's input into G, and none land on the fake score)."""
+        params = self.unets.fake_score_parameters
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
 
     def ema_step(self) -> None:
         if self.accelerator.sync_gradients and self.ema is not None:

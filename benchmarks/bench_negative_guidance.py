@@ -24,39 +24,17 @@ import sys
 import time
 
 import torch
-from diffusers import (
-    FluxPipeline,
-    PixArtAlphaPipeline,
-    StableDiffusion3Pipeline,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
+from diffusers import UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
 import diffusers_onestep
 from diffusers_onestep.attention import NAGGuidance, nasa_attention
-from diffusers_onestep.testing_utils import (
-    get_dummy_flux_components,
-    get_dummy_pixart_components,
-    get_dummy_sd3_components,
-    get_dummy_sdxl_components,
-    get_dummy_teacher_components,
-)
+from diffusers_onestep.testing_utils import DUMMY_CALL_KWARGS, get_dummy_pipeline
 
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_inference import interleaved  # noqa: E402
 
-
-TINY = {
-    "sd": (lambda: StableDiffusionPipeline(**get_dummy_teacher_components()), {}),
-    "sdxl": (lambda: StableDiffusionXLPipeline(**get_dummy_sdxl_components()), {}),
-    "pixart": (lambda: PixArtAlphaPipeline(**get_dummy_pixart_components()),
-               {"max_sequence_length": 16, "use_resolution_binning": False, "clean_caption": False}),
-    "sd3": (lambda: StableDiffusion3Pipeline(**get_dummy_sd3_components()), {"max_sequence_length": 16}),
-    "flux": (lambda: FluxPipeline(**get_dummy_flux_components()), {"max_sequence_length": 16}),
-}  # fmt: skip
 
 SD15_UNET = {
     "sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8, "block_out_channels": (320, 640, 1280, 1280),
@@ -73,8 +51,7 @@ SDXL_UNET = {
 
 
 def tiny_figures(family: str, repeats: int) -> dict:
-    build, kwargs = TINY[family]
-    pipe = build()
+    pipe, kwargs = get_dummy_pipeline(family), DUMMY_CALL_KWARGS[family]
     pipe.set_progress_bar_config(disable=True)
     nag_scale = None  # the paper's per-family default phi
 
@@ -174,9 +151,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sdxl_time_resolution", type=int, default=512)
     args = parser.parse_args(argv)
     families = [f for f in args.families.split(",") if f]
-    unknown = sorted(set(families) - set(TINY))
+    unknown = sorted(set(families) - set(DUMMY_CALL_KWARGS))
     if unknown:
-        parser.error(f"--families: unknown {unknown}; allowed: {', '.join(TINY)}")
+        parser.error(f"--families: unknown {unknown}; allowed: {', '.join(DUMMY_CALL_KWARGS)}")
     figures = {}
     for family in families:
         figures.update(tiny_figures(family, args.repeats))

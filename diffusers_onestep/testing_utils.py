@@ -34,10 +34,12 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 __all__ = [
     "DEFAULT_WORDS",
+    "DUMMY_CALL_KWARGS",
     "build_clip_tokenizer",
     "build_t5_tokenizer",
     "get_dummy_components",
     "get_dummy_flux_components",
+    "get_dummy_pipeline",
     "get_dummy_pixart_components",
     "get_dummy_sd3_components",
     "get_dummy_sdxl_components",
@@ -292,3 +294,35 @@ def get_dummy_flux_components(seed: int = 0, sample_size: int = 16) -> dict:
         "text_encoder": text_encoder, "text_encoder_2": _tiny_t5(seed), "tokenizer": build_clip_tokenizer(),
         "tokenizer_2": build_t5_tokenizer(), "image_encoder": None, "feature_extractor": None,
     }  # fmt: skip
+
+
+# call arguments a tiny pipeline of each family needs: PixArt's bins start at 256 px and its caption cleaning needs bs4
+DUMMY_CALL_KWARGS = {
+    "sd": {}, "sdxl": {}, "pixart": {"max_sequence_length": 16, "use_resolution_binning": False, "clean_caption": False},
+    "sd3": {"max_sequence_length": 16}, "flux": {"max_sequence_length": 16},
+}  # fmt: skip
+
+
+def get_dummy_pipeline(family: str, seed: int = 0):
+    r"""
+    A tiny diffusers pipeline of `family` (`"sd"`, `"sdxl"`, `"pixart"`, `"sd3"`, `"flux"`) from this module's
+    components; `DUMMY_CALL_KWARGS[family]` are the call arguments its size needs.
+    """
+    from diffusers import (
+        FluxPipeline,
+        PixArtAlphaPipeline,
+        StableDiffusion3Pipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
+
+    builders = {
+        "sd": lambda: StableDiffusionPipeline(**get_dummy_teacher_components(seed)),
+        "sdxl": lambda: StableDiffusionXLPipeline(**get_dummy_sdxl_components(seed)),
+        "pixart": lambda: PixArtAlphaPipeline(**get_dummy_pixart_components(seed)),
+        "sd3": lambda: StableDiffusion3Pipeline(**get_dummy_sd3_components(seed)),
+        "flux": lambda: FluxPipeline(**get_dummy_flux_components(seed)),
+    }
+    if family not in builders:
+        raise ValueError(f"`family` must be one of {sorted(builders)}, got {family!r}.")
+    return builders[family]()

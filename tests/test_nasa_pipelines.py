@@ -5,13 +5,8 @@ import logging
 import pytest
 import torch
 from diffusers import (
-    FluxPipeline,
     LCMScheduler,
-    PixArtAlphaPipeline,
-    StableDiffusion3Pipeline,
     StableDiffusionImg2ImgPipeline,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
 )
 from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
@@ -25,35 +20,25 @@ from diffusers_onestep.attention import (
     NASAGuidance,
 )
 from diffusers_onestep.testing_utils import (
+    DUMMY_CALL_KWARGS,
     get_dummy_components,
-    get_dummy_flux_components,
-    get_dummy_pixart_components,
-    get_dummy_sd3_components,
-    get_dummy_sdxl_components,
+    get_dummy_pipeline,
     get_dummy_teacher_components,
 )
 
 
 def _sd():
-    return StableDiffusionPipeline(**get_dummy_teacher_components())
+    return get_dummy_pipeline("sd")
 
 
-FAMILIES = {
-    "sd": (_sd, {}),
-    "sdxl": (lambda: StableDiffusionXLPipeline(**get_dummy_sdxl_components()), {}),
-    "pixart": (lambda: PixArtAlphaPipeline(**get_dummy_pixart_components()),
-               {"max_sequence_length": 16, "use_resolution_binning": False, "clean_caption": False}),
-    "sd3": (lambda: StableDiffusion3Pipeline(**get_dummy_sd3_components()), {"max_sequence_length": 16}),
-    "flux": (lambda: FluxPipeline(**get_dummy_flux_components()), {"max_sequence_length": 16}),
-}  # fmt: skip
+FAMILIES = list(DUMMY_CALL_KWARGS)
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
+@pytest.fixture(scope="module", params=FAMILIES)
 def family(request):
-    build, kwargs = FAMILIES[request.param]
-    pipe = build()
+    pipe = get_dummy_pipeline(request.param)
     pipe.set_progress_bar_config(disable=True)
-    return request.param, pipe, kwargs
+    return request.param, pipe, DUMMY_CALL_KWARGS[request.param]
 
 
 def _network(pipe):
@@ -176,7 +161,7 @@ def test_other_pipelines_and_bad_arguments_are_refused():
         with pytest.raises(ValueError, match=match):
             with diffusers_onestep.nasa(pipe, **kwargs):
                 pass
-    flux = FluxPipeline(**get_dummy_flux_components())
+    flux = get_dummy_pipeline("flux")
     with pytest.raises(ValueError, match="`scale` is required for NASA on FluxPipeline"):
         with diffusers_onestep.nasa(flux, negative_prompt="dog"):
             pass

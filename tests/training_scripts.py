@@ -101,15 +101,9 @@ SCRIPTS = [
 
 def save_tiny_teacher(backbone: str, path) -> str:
     r"""Saves the tiny teacher of `backbone` as a real diffusers pipeline directory at `path`; returns the path."""
-    from diffusers import PixArtAlphaPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers_onestep.testing_utils import get_dummy_pipeline
 
-    from diffusers_onestep import testing_utils
-
-    pipe = {
-        "sd": lambda: StableDiffusionPipeline(**testing_utils.get_dummy_teacher_components()),
-        "sdxl": lambda: StableDiffusionXLPipeline(**testing_utils.get_dummy_sdxl_components()),
-        "pixart": lambda: PixArtAlphaPipeline(**testing_utils.get_dummy_pixart_components()),
-    }[backbone]()
+    pipe = get_dummy_pipeline(backbone)
     pipe.save_pretrained(path, safe_serialization=True)
     return str(path)
 

@@ -70,8 +70,8 @@ DIFFUSERS_FAMILIES: dict[type, str] = {
 # SNOOPI's NASA scales (SD1.5 0.1, SD2.1 0.2, PixArt-α 0.5; SDXL: this library's default, see OneStepXLPipeline).
 # SD3 and Flux have none: SNOOPI v3 reports FLUX.1-schnell results without the scale, so `scale` is required there.
 NASA_DEFAULTS = {"sd": 0.1, "sd2": 0.2, "sdxl": 0.2, "pixart": 0.5}
-# the denoiser's timestep argument as a fraction of the trajectory: divided by this (None: the scheduler's T)
-_TIMESTEP_RANGE = {"sd": None, "sdxl": None, "pixart": None, "sd3": 1000.0, "flux": 1.0}
+# the MMDiTs' timestep argument as a fraction of the trajectory: divided by this (the others: the scheduler's T)
+_JOINT_TIMESTEP_RANGE = {"sd3": 1000.0, "flux": 1.0}
 
 
 def pipeline_family(pipe) -> str:
@@ -111,21 +111,16 @@ def _tile_to(tensor: torch.Tensor | None, batch: int) -> torch.Tensor | None:
     return tensor.repeat(batch // tensor.shape[0], *([1] * (tensor.ndim - 1)))
 
 
-def _timestep_of(args: tuple, kwargs: dict):
+def _fraction(args: tuple, kwargs: dict, timestep_range: float) -> float | None:
+    """The network call's timestep (keyword or second positional argument) as a fraction of `timestep_range`."""
     timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-    if timestep is None:
-        return None
-    return float(torch.as_tensor(timestep).flatten()[0])
-
-
-def _fraction(timestep, timestep_range: float) -> float | None:
-    return None if timestep is None else timestep / timestep_range
+    return None if timestep is None else float(torch.as_tensor(timestep).flatten()[0]) / timestep_range
 
 
 def _cross_pre_hook(state: _State, guidance: NegativeGuidance, timestep_range: float, projection=None):
     def hook(module, args, kwargs):
         sample = kwargs.get("sample", kwargs.get("hidden_states", args[0] if args else None))
-        state.fraction = _fraction(_timestep_of(args, kwargs), timestep_range)
+        state.fraction = _fraction(args, kwargs, timestep_range)
         state.active = state.encoded is not None and guidance.active_at(state.fraction)
         state.negative = state.negative_mask = None
         if state.active:
@@ -188,7 +183,7 @@ def _joint_pre_hook(state: _State, guidance: NegativeGuidance, timestep_range: f
     def hook(module, args, kwargs):
         if args:
             raise TypeError(f"`nasa` needs {type(module).__name__} called with keyword arguments, as diffusers does.")
-        state.fraction = _fraction(_timestep_of(args, kwargs), timestep_range)
+        state.fraction = _fraction(args, kwargs, timestep_range)
         state.active = state.encoded is not None and guidance.active_at(state.fraction)
         if not state.active:
             return None
@@ -215,7 +210,7 @@ def _joint_pre_hook(state: _State, guidance: NegativeGuidance, timestep_range: f
 
 
 def _install_joint(stack: ExitStack, transformer, guidance: NegativeGuidance, state: _State, family: str) -> None:
-    handles = [transformer.register_forward_pre_hook(_joint_pre_hook(state, guidance, _TIMESTEP_RANGE[family]),
+    handles = [transformer.register_forward_pre_hook(_joint_pre_hook(state, guidance, _JOINT_TIMESTEP_RANGE[family]),
                                                      with_kwargs=True)]  # fmt: skip
     image_norms = [block.norm1 for block in transformer.transformer_blocks] + [transformer.norm_out]
     for norm in image_norms:
@@ -416,16 +411,15 @@ def nasa(
         if guidance.is_identity:
             yield pipe
             return
-        state = _State()
         if family in ("sd3", "flux"):
+            state = _State()
             _install_joint(stack, pipe.transformer, guidance, state, family)
         else:
             network = pipe.unet if family in ("sd", "sdxl") else pipe.transformer
             projection = getattr(network, "caption_projection", None) if family == "pixart" else None
             timestep_range = float(pipe.scheduler.config.num_train_timesteps)
-            cross = stack.enter_context(
+            state = stack.enter_context(
                 guided_cross_attention(network, None, guidance, timestep_range=timestep_range, projection=projection)
             )
-            state = cross
         _wrap_encode(stack, pipe, family, state, negative)
         yield pipe

@@ -15,6 +15,7 @@ without the clipping and the blend, shrunk by `(1 - a)` (`nasa_as_nag_extrapolat
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -51,26 +52,27 @@ def _check_range(name: str, value, low: float, high: float | None = None, low_op
 
 
 @dataclass
-class NegativeGuidance:
+class NegativeGuidance(ABC):
     r"""
-    Base class: `combine(z_pos, z_neg)` returns the attention output used in place of `Z+`; `end` is the fraction of
+    Abstract base: `combine(z_pos, z_neg)` returns the attention output used in place of `Z+`; `end` is the fraction of
     the denoising trajectory (from the noisy end, by the network's timestep as a fraction of the training range) the
     guidance is applied to: active while `t / T >= 1 - end`, as NAG's `nag_end`.
     """
 
     end: float = 1.0
 
-    method = "none"
 
     def __post_init__(self):
         _check_range("end", self.end, 0.0, 1.0, low_open=True)
 
     @property
+    @abstractmethod
     def is_identity(self) -> bool:
-        raise NotImplementedError
+        """Whether `combine(z_pos, z_neg)` is `z_pos` for every input (scale 0): then nothing is installed."""
 
+    @abstractmethod
     def combine(self, z_pos: torch.Tensor, z_neg: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The attention output used in place of `z_pos`."""
 
     def active_at(self, fraction: float | None) -> bool:
         """Whether the guidance applies at a network call whose timestep is `fraction` of the training range."""
@@ -90,7 +92,6 @@ class NASAGuidance(NegativeGuidance):
 
     scale: float | torch.Tensor = 0.1
 
-    method = "nasa"
 
     def __post_init__(self):
         super().__post_init__()
@@ -117,7 +118,6 @@ class NAGGuidance(NegativeGuidance):
     alpha: float = 0.375
     norm_p: float = 1.0
 
-    method = "nag"
 
     def __post_init__(self):
         super().__post_init__()

@@ -216,6 +216,7 @@ class NASAAttnProcessor(NegativeAttnProcessor):
         negative_attention_mask (`torch.Tensor`, *optional*):
             `(batch, tokens)` keep-mask (1 = attend) or `(batch, 1, tokens)` additive bias for the negative tokens.
         source (*optional*): an object whose `negative`, `negative_mask` and `fraction` are read at every call.
+        end (`float`, defaults to 1.0): the guided fraction of the trajectory (`NegativeGuidance.end`).
     """
 
     def __init__(
@@ -225,9 +226,10 @@ class NASAAttnProcessor(NegativeAttnProcessor):
         negative_encoder_hidden_states: torch.Tensor | None = None,
         negative_attention_mask: torch.Tensor | None = None,
         source=None,
+        end: float = 1.0,
     ):
         check_nasa_scale(scale, "scale")
-        super().__init__(NASAGuidance(scale=scale), base_processor, negative_encoder_hidden_states,
+        super().__init__(NASAGuidance(scale=scale, end=end), base_processor, negative_encoder_hidden_states,
                          negative_attention_mask, source)  # fmt: skip
 
     @property
@@ -242,9 +244,7 @@ def negative_processor(guidance: NegativeGuidance, base_processor=None, negative
                        source=None) -> NegativeAttnProcessor:  # fmt: skip
     r"""The processor of `guidance` around `base_processor`: a `NASAAttnProcessor` for NASA, else the generic one."""
     if isinstance(guidance, NASAGuidance):
-        processor = NASAAttnProcessor(guidance.scale, base_processor, negative, negative_mask, source)
-        processor.guidance = guidance
-        return processor
+        return NASAAttnProcessor(guidance.scale, base_processor, negative, negative_mask, source, end=guidance.end)
     return NegativeAttnProcessor(guidance, base_processor, negative, negative_mask, source)
 
 

@@ -125,9 +125,12 @@ def time_iterations(script, teacher: str, args, lora: bool, method: str = "pgsb"
     return deltas[len(deltas) // 2]
 
 
-def time_passes(teacher_path: str, args, lora: bool) -> dict[str, float]:
-    r"""Median seconds of each pass of one PG-SB iteration, timed alone on the same UNets."""
-    from diffusers_onestep.losses import Denoiser, student_generate
+def _pass_setup(teacher_path: str, args, *, student_lora_rank: int, fake_score_lora_rank: int, t_init: int):
+    r"""The networks and inputs the passes are timed on: student / teacher / fake-score views (the fake score a LoRA
+    on the shared base, or with rank 0 a full copy), the student's scheduler, noise, text embeddings, timesteps."""
+    from types import SimpleNamespace
+
+    from diffusers_onestep.losses import Denoiser
     from diffusers_onestep.schedulers import ConsistencyStudentScheduler
     from diffusers_onestep.training_utils import (
         FAKE_SCORE_ADAPTER,
@@ -138,20 +141,34 @@ def time_passes(teacher_path: str, args, lora: bool) -> dict[str, float]:
 
     device = torch.device(args.device)
     teacher = load_teacher(teacher_path, device=device)
-    rank = args.student_lora_rank if lora else 0
     unets = build_distillation_unets(
-        teacher.unet, student_lora_rank=rank, fake_score_lora_rank=args.fake_score_lora_rank, fake_score_lora_alpha=8
-    )
-    scheduler = ConsistencyStudentScheduler.from_config(teacher.scheduler.config, t_init=999)
+        teacher.unet, student_lora_rank=student_lora_rank, fake_score_lora_rank=fake_score_lora_rank,
+        fake_score_lora_alpha=8,
+    )  # fmt: skip
     acp = teacher.scheduler.alphas_cumprod.to(device)
-    student = AdapterView(unets.student, unets.student_adapter)
-    teacher_d = Denoiser(AdapterView(unets.teacher, None), acp)
-    fake_d = Denoiser(AdapterView(unets.teacher, FAKE_SCORE_ADAPTER), acp)
-    size = unets.teacher.config.sample_size
-    b = args.batch_size
-    z = torch.randn(b, 4, size, size, device=device)
-    embeds = torch.randn(b, 16, unets.teacher.config.cross_attention_dim, device=device)
-    t = torch.full((b,), 500, device=device)
+    if unets.fake_score is None:
+        fake = Denoiser(AdapterView(unets.teacher, FAKE_SCORE_ADAPTER), acp)
+    else:
+        fake = Denoiser(AdapterView(unets.fake_score, None), acp)
+    size, b = unets.teacher.config.sample_size, args.batch_size
+    return SimpleNamespace(
+        student=AdapterView(unets.student, unets.student_adapter), teacher=Denoiser(AdapterView(unets.teacher, None), acp),
+        fake=fake, scheduler=ConsistencyStudentScheduler.from_config(teacher.scheduler.config, t_init=t_init),
+        z=torch.randn(b, 4, size, size, device=device), t=torch.full((b,), 500, device=device), b=b,
+        embeds=torch.randn(b, 16, unets.teacher.config.cross_attention_dim, device=device),
+    )
+
+
+def time_passes(teacher_path: str, args, lora: bool) -> dict[str, float]:
+    r"""Median seconds of each pass of one PG-SB iteration, timed alone on the same UNets."""
+    from diffusers_onestep.losses import student_generate
+
+    rank = args.student_lora_rank if lora else 0
+    p = _pass_setup(teacher_path, args, student_lora_rank=rank, fake_score_lora_rank=args.fake_score_lora_rank,
+                    t_init=999)  # fmt: skip
+    student, teacher_d, fake_d, scheduler, z, embeds, t, b = (
+        p.student, p.teacher, p.fake, p.scheduler, p.z, p.embeds, p.t, p.b
+    )
 
     def student_pass():
         student_generate(student, scheduler, z, embeds).square().mean().backward()
@@ -177,30 +194,12 @@ def time_passes(teacher_path: str, args, lora: bool) -> dict[str, float]:
 
 def time_sid_passes(teacher_path: str, args, lora: bool) -> dict[str, float]:
     r"""Median seconds of each pass of one SiD iteration (full student; `lora`: LoRA fake score), timed alone."""
-    from diffusers_onestep.losses import Denoiser, student_generate
-    from diffusers_onestep.schedulers import ConsistencyStudentScheduler
-    from diffusers_onestep.training_utils import (
-        FAKE_SCORE_ADAPTER,
-        AdapterView,
-        build_distillation_unets,
-        load_teacher,
-    )
+    from diffusers_onestep.losses import student_generate
 
-    device = torch.device(args.device)
-    teacher = load_teacher(teacher_path, device=device)
-    unets = build_distillation_unets(
-        teacher.unet, fake_score_lora_rank=args.fake_score_lora_rank if lora else 0, fake_score_lora_alpha=8
-    )
-    scheduler = ConsistencyStudentScheduler.from_config(teacher.scheduler.config, t_init=625)
-    acp = teacher.scheduler.alphas_cumprod.to(device)
-    student = AdapterView(unets.student, None)
-    teacher_d = Denoiser(AdapterView(unets.teacher, None), acp)
-    fake_module = unets.fake_score if unets.fake_score is not None else unets.teacher
-    fake_d = Denoiser(AdapterView(fake_module, None if unets.fake_score is not None else FAKE_SCORE_ADAPTER), acp)
-    size, b = unets.teacher.config.sample_size, args.batch_size
-    z = torch.randn(b, 4, size, size, device=device)
-    embeds = torch.randn(b, 16, unets.teacher.config.cross_attention_dim, device=device)
-    t, k = torch.full((b,), 500, device=device), torch.full((b,), 2.0)
+    p = _pass_setup(teacher_path, args, student_lora_rank=0,
+                    fake_score_lora_rank=args.fake_score_lora_rank if lora else 0, t_init=625)  # fmt: skip
+    student, teacher_d, fake_d, scheduler, z, embeds, t = p.student, p.teacher, p.fake, p.scheduler, p.z, p.embeds, p.t
+    k = torch.full((p.b,), 2.0)
 
     def student_no_grad():
         with torch.no_grad():

@@ -293,3 +293,21 @@ def test_add_noise():
         noisy, DDPMScheduler(beta_schedule="scaled_linear", **SD_BETAS).add_noise(x0, noise, timesteps)
     )
     assert scheduler.add_noise(x0.bfloat16(), noise.bfloat16(), 500).dtype == torch.bfloat16
+
+
+def test_mid_timestep_gives_the_consistency_multistep_schedule_and_round_trips(tmp_path):
+    scheduler = ConsistencyStudentScheduler(mid_timestep=296)
+    for steps, expected in [(1, [999]), (2, [999, 296]), (3, [999, 296, 148]), (4, [999, 296, 197, 98])]:
+        scheduler.set_timesteps(steps)
+        assert scheduler.timesteps.tolist() == expected
+    scheduler.set_timesteps(297)  # t_init, then 296 .. 1: the most steps without a repeat
+    assert len(set(scheduler.timesteps.tolist())) == 297
+    with pytest.raises(ValueError, match=r"max\(mid_timestep, 1\) \+ 1 = 297"):
+        scheduler.set_timesteps(298)
+    scheduler.save_config(tmp_path)
+    loaded = ConsistencyStudentScheduler.from_pretrained(tmp_path)
+    loaded.set_timesteps(2)
+    assert loaded.config.mid_timestep == 296 and loaded.timesteps.tolist() == [999, 296]
+    for bad in (999, -1, 2.5):
+        with pytest.raises(ValueError, match="mid_timestep"):
+            ConsistencyStudentScheduler(mid_timestep=bad)

@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-__all__ = ["REPO", "SCRIPTS", "SUBPROCESS_ENV", "ScriptCase", "TeacherDirs", "load_script", "save_tiny_teacher"]
+__all__ = [
+    "REPO", "SCRIPTS", "SUBPROCESS_ENV", "ScriptCase", "TeacherDirs", "load_script", "save_tiny_teacher",
+    "tiny_imagefolder",
+]  # fmt: skip
 
 REPO = Path(__file__).resolve().parents[1]
 # subprocesses: one thread, as conftest.py sets in-process (two OpenMP threads make tiny models much slower)
@@ -30,6 +33,8 @@ class ScriptCase:
         backbone (`str`, defaults to `"sd"`): the tiny teacher's backbone (`"sd"`, `"sdxl"`, `"pixart"`).
         slow (`bool`): run only with `-m slow` (the extra backbones of a script already covered on SD).
         negative_prompts (`bool`): also pass `--negative_prompts` (NASA-T), the prompt file doubling as the negatives.
+        images (`bool`): a real-data script: the prompts become the captions of an imagefolder (`tiny_imagefolder`)
+            passed as `--train_data_dir`.
     """
 
     name: str
@@ -38,6 +43,7 @@ class ScriptCase:
     backbone: str = "sd"
     slow: bool = False
     negative_prompts: bool = False
+    images: bool = False
 
     @property
     def id(self) -> str:
@@ -64,7 +70,7 @@ class ScriptCase:
     def argv(self, teacher: str, prompts: str, output_dir, *extra: str) -> list[str]:
         return [
             f"--pretrained_teacher_model_name_or_path={teacher}",
-            f"--train_prompts={prompts}",
+            f"--train_data_dir={tiny_imagefolder(prompts)}" if self.images else f"--train_prompts={prompts}",
             f"--output_dir={output_dir}",
             "--train_batch_size=2",
             "--seed=0",
@@ -86,6 +92,11 @@ _PGSB = {
     "loss": ("diffusers_onestep.losses", "PGSwiftBrushLoss", "generator_loss"),
 }
 _SID = {"flags": ["--guidance_scale=2.0"], "loss": ("diffusers_onestep.losses", "SiDLoss", "generator_loss")}
+_SCT = {
+    "flags": ["--method=sct", "--stf_reference_size=2", "--dropout=0.1"],
+    "loss": ("diffusers_onestep.losses", "ConsistencyTuningLoss", "__call__"),
+    "images": True,
+}
 SCRIPTS = [
     ScriptCase("train_pg_swiftbrush", **_PGSB),
     ScriptCase("train_pg_swiftbrush", **_PGSB, backbone="sdxl", slow=True),
@@ -96,7 +107,35 @@ SCRIPTS = [
     ScriptCase("train_sid", **_SID),
     ScriptCase("train_sid", **_SID, backbone="sdxl", slow=True),
     ScriptCase("train_sid", **_SID, backbone="pixart", slow=True),
+    # ECT / SCT on an imagefolder (ECT and the LoRA student: tests/test_train_sct.py)
+    ScriptCase("train_sct", **_SCT),
+    ScriptCase("train_sct", **_SCT, backbone="sdxl", slow=True),
+    ScriptCase("train_sct", **_SCT, backbone="pixart", slow=True),
 ]
+
+
+def tiny_imagefolder(prompts, size: int = 16) -> str:
+    r"""
+    An imagefolder next to the prompt file `prompts` (written once): two seeded random RGB images per prompt, the
+    prompt as their caption (`text`) in `metadata.jsonl`. Returns its path.
+    """
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    folder = f"{prompts}.images"
+    if os.path.isfile(os.path.join(folder, "metadata.jsonl")):
+        return folder
+    os.makedirs(folder, exist_ok=True)
+    captions = [line.strip() for line in open(prompts, encoding="utf-8") if line.strip()]
+    rng, rows = np.random.default_rng(0), []
+    for i, caption in enumerate(captions * 2):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(os.path.join(folder, f"{i}.png"))
+        rows.append({"file_name": f"{i}.png", "text": caption})
+    with open(os.path.join(folder, "metadata.jsonl"), "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return folder
 
 
 def save_tiny_teacher(backbone: str, path) -> str:

@@ -1,8 +1,9 @@
 """Easy Consistency Tuning (ECT) and its stable-target variant (SCT) for VP / latent eps- or v-prediction UNets.
 
 Papers: Geng et al., "Consistency Models Made Easy", arXiv 2406.14548 (ECT; formulas follow `locuslab/ect`
-`training/loss.py` L45-92 on `main`, L78-135 on `imgnet`); Wang et al., "Stable Consistency Models", arXiv 2410.18958
-(SCT; no public code). Equation numbers could not be checked offline.
+`training/loss.py` L45-92 on `main`, L78-135 on `imgnet`); Wang, Geng and Li, "Stable Consistency Tuning: Understanding and
+Improving Consistency Models", arXiv 2410.18958 (SCT; its repository, G-U-N/Stable-Consistency-Tuning, holds only a
+README: no code). Equation numbers could not be checked offline.
 
 ECT, in EDM sigma: `sigma_t ~ LogNormal(P_mean, P_std)`, `r = clamp(t (1 - (1 + k sigmoid(-b t)) / q^(stage+1)), 0)`
 (L45-50), one `eps` for `x_t` and `x_r` (L62-64), the torch RNG state restored before the target's forward so that
@@ -100,6 +101,11 @@ class ConsistencyTuningLoss:
         self.weighting, self.sigma_data, self.sigma_min = weighting, sigma_data, sigma_min
         self.parametrization, self.target, self.stage = parametrization, target, 0
 
+    def sample_sigmas(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        r"""`(batch_size,)` EDM noise levels `exp(P_mean + P_std n)`, `n ~ N(0, 1)` drawn on `generator`'s device."""
+        device = generator.device if generator is not None else "cpu"
+        return (torch.randn(batch_size, generator=generator, device=device) * self.P_std + self.P_mean).exp()
+
     def _f(self, denoiser, x, timesteps, cond, sigma_min):
         return consistency_function(denoiser, x, timesteps, cond, sigma_min, self.parametrization, self.sigma_data)
 
@@ -107,18 +113,20 @@ class ConsistencyTuningLoss:
         self, denoiser: Denoiser, latents: torch.Tensor, encoder_hidden_states, *, group: torch.Tensor | None = None,
         reference_latents: torch.Tensor | None = None, reference_group: torch.Tensor | None = None,
         noise: torch.Tensor | None = None, sigmas: torch.Tensor | None = None, r_sigmas: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | None = None, target_denoiser: Denoiser | None = None,
     ) -> tuple[torch.Tensor, dict]:  # fmt: skip
         r"""
         The unreduced loss `(batch,)` of `latents` `x0` `(batch, C, H, W)` and logs. `sigmas` / `r_sigmas` (EDM,
         `(batch,)`) and `noise` are drawn (from `generator`) unless given; `group` `(batch,)` ids the condition.
+        `target_denoiser` (default `denoiser`) computes the no-grad target: the same weights, e.g. the unwrapped
+        network where `denoiser` goes through a DDP module.
         """
         batch, device, abar = latents.shape[0], latents.device, denoiser.alphas_cumprod.to(latents.device)
         x0 = latents.float()
         gen_device = generator.device if generator is not None else "cpu"
         # 1. t ~ LogNormal(P_mean, P_std) in sigma, then to a fractional timestep (sigma recomputed from it)
         if sigmas is None:
-            sigmas = (torch.randn(batch, generator=generator, device=gen_device) * self.P_std + self.P_mean).exp()
+            sigmas = self.sample_sigmas(batch, generator)
         timesteps = sigma_to_timestep(abar, sigmas.to(device))
         a_t, s_t = alpha_sigma(abar, timesteps, x0.ndim)
         a_0, s_0 = alpha_sigma(abar, torch.zeros(1, device=device), 1)
@@ -150,7 +158,8 @@ class ConsistencyTuningLoss:
         if cuda_state is not None:
             torch.cuda.set_rng_state(cuda_state, device)
         with torch.no_grad():
-            f_r = torch.nan_to_num(self._f(denoiser, x_r, r_timesteps, encoder_hidden_states, sigma_min))
+            target_net = denoiser if target_denoiser is None else target_denoiser
+            f_r = torch.nan_to_num(self._f(target_net, x_r, r_timesteps, encoder_hidden_states, sigma_min))
         target = torch.where(has_r, f_r, x0)
         # 5. pseudo-Huber of the per-sample L2, times the weighting (both in sigma)
         distance = ((f_t - target) ** 2).flatten(1).sum(dim=1)

@@ -3,7 +3,8 @@
 The student is called at its conditioning timestep `t_init` on `z` (SwiftBrush, `t_init = 999`) or on
 `s_{t_init} z` (SiD-LSG, `t_init = 625`), and its output is converted to `x0`. With `K > 1` steps, the previous
 `x0` is re-noised with fresh noise at `t_i = floor(t_init (1 - i / K))` and denoised again (consistency-model
-multistep sampling, Song et al. 2023, Algorithm 1; SiD-LSG's multi-step evaluation).
+multistep sampling, Song et al. 2023, Algorithm 1; SiD-LSG's multi-step evaluation). A consistency student saves its
+tuned mid noise level as `mid_timestep` (ECT's two-step sampling: `[t_init, mid_timestep]`).
 """
 
 from __future__ import annotations
@@ -79,6 +80,11 @@ class ConsistencyStudentScheduler(SchedulerMixin, ConfigMixin):
             Clip the predicted `x0` to `[-clip_sample_range, clip_sample_range]`.
         clip_sample_range (`float`, defaults to `1.0`):
             The clipping bound, used only when `clip_sample=True`.
+        mid_timestep (`int`, *optional*):
+            The second timestep of the multistep schedule, in `[0, t_init)`: a consistency model's mid noise level
+            (ECT samples two steps at EDM sigma 0.821). `K` steps are then `t_init` followed by the `K - 1` timesteps
+            `floor(mid_timestep (1 - j / (K - 1)))`, `j = 0..K-2` (the default rule, restarted at `mid_timestep`;
+            our extension beyond ECT's two steps). `None`: `floor(t_init (1 - i / K))`.
     """
 
     # Every scheduler here runs in `OneStepPipeline` (tests/test_pipeline_conformance.py runs each). Left out of diffusers'
@@ -104,6 +110,7 @@ class ConsistencyStudentScheduler(SchedulerMixin, ConfigMixin):
         input_type: str = "noise",
         clip_sample: bool = False,
         clip_sample_range: float = 1.0,
+        mid_timestep: int | None = None,
     ):
         if not 0 <= t_init < num_train_timesteps or int(t_init) != t_init:
             raise ValueError(f"`t_init` must be an integer in [0, {num_train_timesteps}), got {t_init!r}.")
@@ -111,6 +118,8 @@ class ConsistencyStudentScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"`input_type` must be one of {INPUT_TYPES}, got {input_type!r}.")
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {prediction_type!r}.")
+        if mid_timestep is not None and (int(mid_timestep) != mid_timestep or not 0 <= mid_timestep < t_init):
+            raise ValueError(f"`mid_timestep` must be an integer in [0, t_init = {t_init}), got {mid_timestep!r}.")
         if clip_sample and not clip_sample_range > 0:
             raise ValueError(f"`clip_sample_range` must be > 0 when `clip_sample=True`, got {clip_sample_range!r}.")
 
@@ -229,8 +238,9 @@ class ConsistencyStudentScheduler(SchedulerMixin, ConfigMixin):
         Args:
             num_inference_steps (`int`, *optional*):
                 The number of student calls `K`, in `[1, t_init + 1]`; the timesteps are
-                `t_i = floor(t_init (1 - i / K))`, `i = 0..K-1` (`K = 1`: `[t_init]`). A larger `K` would repeat
-                timesteps and is refused.
+                `t_i = floor(t_init (1 - i / K))`, `i = 0..K-1` (`K = 1`: `[t_init]`), or with `mid_timestep` set,
+                `t_init` then `floor(mid_timestep (1 - j / (K - 1)))`, `j = 0..K-2` (`K <= max(mid_timestep, 1) + 1`).
+                A larger `K` would repeat timesteps and is refused.
             device (`str` or `torch.device`, *optional*):
                 Where to put `self.timesteps`.
             timesteps (`list[int]` or `torch.Tensor`, *optional*):
@@ -240,18 +250,25 @@ class ConsistencyStudentScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("Pass exactly one of `num_inference_steps` and `timesteps`.")
         t_init, num_train_timesteps = self.config.t_init, self.config.num_train_timesteps
         if timesteps is None:
+            mid = self.config.get("mid_timestep")
+            most = t_init + 1 if mid is None else max(mid, 1) + 1
             if (
                 isinstance(num_inference_steps, bool)
                 or int(num_inference_steps) != num_inference_steps
-                or not 1 <= num_inference_steps <= t_init + 1
+                or not 1 <= num_inference_steps <= most
             ):
+                bound = "t_init + 1" if mid is None else "max(mid_timestep, 1) + 1"
                 raise ValueError(
-                    f"`num_inference_steps` must be an integer in [1, t_init + 1 = {t_init + 1}] (more steps would "
-                    f"repeat timesteps), got {num_inference_steps!r}."
+                    f"`num_inference_steps` must be an integer in [1, {bound} = {most}] (more steps would repeat "
+                    f"timesteps), got {num_inference_steps!r}."
                 )
             num_inference_steps = int(num_inference_steps)
             # Integer arithmetic: exactly floor(t_init * (1 - i / K)), with no float rounding.
-            schedule = [t_init * (num_inference_steps - i) // num_inference_steps for i in range(num_inference_steps)]
+            if mid is None or num_inference_steps == 1:
+                schedule = [t_init * (num_inference_steps - i) // num_inference_steps for i in range(num_inference_steps)]
+            else:
+                rest = num_inference_steps - 1
+                schedule = [t_init] + [mid * (rest - j) // rest for j in range(rest)]
         else:
             values = torch.as_tensor(timesteps).reshape(-1).tolist()
             if not values or any(int(t) != t for t in values):

@@ -25,6 +25,7 @@ from .data import load_prompts, load_training_prompts, prompt_batches
 from .distillation import Distillation
 from .errors import HubUploadError, NonFiniteError, TrainingArgumentError, run_script
 from .hub import format_command, mask_secrets, push_to_hub, save_model_card, save_student, upload_command
+from .images import ImageCaptionDataset, encode_images
 from .loop import (
     LoopStep,
     NaNGuard,
@@ -76,6 +77,7 @@ __all__ = [
     "Distillation",
     "DistillationUNets",
     "HubUploadError",
+    "ImageCaptionDataset",
     "LoopStep",
     "NaNGuard",
     "NegativePromptSampler",
@@ -95,6 +97,7 @@ __all__ = [
     "check_weights",
     "checkpoint_problem",
     "clip_embeddings",
+    "encode_images",
     "encode_prompts",
     "format_command",
     "guard_finite",

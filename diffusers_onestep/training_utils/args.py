@@ -229,6 +229,8 @@ class TrainingArguments:
     prompt_column: str | None = arg(
         None, "Column holding the prompts (default: prompt, text or caption).", aliases=["--caption_column"]
     )
+    image_column: str = arg("image", "Real-data scripts (consistency tuning): the dataset's image column.")
+    random_flip: bool = arg(False, "Real-data scripts: flip each training image horizontally with probability 0.5.")
     # optimisation
     output_dir: str = arg("onestep-student", "Where checkpoints, logs and the final model go.", path="output_dir")
     seed: int | None = arg(None, "Seed of every random draw (data order, noise, timesteps, guidance scales).", low=0,
@@ -258,6 +260,7 @@ class TrainingArguments:
     adam_weight_decay: float = arg(1e-2, "AdamW weight decay.", low=0)
     adam_epsilon: float = arg(1e-8, "AdamW epsilon.", low=0, low_open=True)
     max_grad_norm: float = arg(1.0, "Gradient clipping norm.", low=0, low_open=True)
+    optimizer: Literal["adamw", "radam"] = arg("adamw", "AdamW, or RAdam (ECT's; decoupled weight decay).")
     use_8bit_adam: bool = arg(False, "bitsandbytes' 8-bit AdamW (needs bitsandbytes).")
     mixed_precision: Literal["no", "fp16", "bf16"] | None = arg(None, "Defaults to the accelerate config.")
     allow_tf32: bool = arg(False, "Allow TF32 matmuls on Ampere+ GPUs.")
@@ -519,6 +522,10 @@ def validate_training_args(args: TrainingArguments) -> None:
         args.learning_rate = LORA_LEARNING_RATE if args.student_lora_rank > 0 else STUDENT_LEARNING_RATE
     if args.max_train_steps is None and args.num_train_epochs is None:
         args.max_train_steps = 1000
+    if args.use_8bit_adam and args.optimizer != "adamw":
+        raise TrainingArgumentError(
+            f"`--use_8bit_adam` is an AdamW option, got `--optimizer {args.optimizer}`: drop one of them."
+        )
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise TrainingArgumentError("`--use_8bit_adam` needs bitsandbytes: `pip install bitsandbytes`, or drop the flag.")
     if args.report_to not in ("none", "all") and importlib.util.find_spec(args.report_to) is None:

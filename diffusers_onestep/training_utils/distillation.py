@@ -75,24 +75,27 @@ class Distillation:
         args,
         method_args,
         argument_types: tuple[type, ...],
-        prompts: list[str],
+        examples: list,
         *,
-        fake_score_learning_rate: float,
-        fake_score_lora_rank: int,
+        fake_score_learning_rate: float | None = None,
+        fake_score_lora_rank: int | None = None,
         fake_score_lora_alpha: int | None = None,
         fake_score_lora_target_modules: str = "to_q,to_k,to_v,to_out.0",
     ) -> Distillation:
         r"""
-        Sets the run up (see the module docstring). `fake_score_lora_rank=0` makes the fake score a full trainable
-        float32 copy of the teacher (SiD's choice); otherwise it is a LoRA adapter on the teacher's frozen network.
-        `argument_types` are the script's argument dataclasses (for the trackers' config, secrets left out).
+        Sets the run up (see the module docstring). `examples` are what the batches are drawn from: the prompts of a
+        data-free run, the dataset indices of a real-data run (`ImageCaptionDataset.indices`). `fake_score_lora_rank=0`
+        makes the fake score a full trainable float32 copy of the teacher (SiD's choice), `> 0` a LoRA adapter on the
+        teacher's frozen network, `None` (consistency tuning) no fake score at all (`fake_score`, `opt_fake`, ...
+        are then `None`). `argument_types` are the script's argument dataclasses (for the trackers' config, secrets
+        left out).
         """
         run = cls()
         run.args = args
         run.accelerator = accelerator = setup_accelerator(args, find_unused_parameters=args.student_lora_rank > 0)
         run.device, run.dtype, n = accelerator.device, weight_dtype(accelerator), accelerator.num_processes
         run.num_processes = n
-        resolve_max_train_steps(args, len(prompts), n)
+        resolve_max_train_steps(args, len(examples), n)
         run.teacher = teacher = load_teacher(
             args.pretrained_teacher_model_name_or_path, revision=args.revision, variant=args.variant, dtype=run.dtype,
             device=run.device,
@@ -108,22 +111,26 @@ class Distillation:
             teacher.scheduler.config, t_init=args.t_init, input_type=args.input_type
         )
 
-        # Optimizers (AdamW, betas from the arguments: SiD's (0, 0.999) through --adam_beta1 0) and their schedules
+        # Optimizers (AdamW or RAdam, betas from the arguments: SiD's (0, 0.999) through --adam_beta1 0), schedules
         adam = {"betas": (args.adam_beta1, args.adam_beta2), "weight_decay": args.adam_weight_decay}
-        adam.update(eps=args.adam_epsilon, use_8bit_adam=args.use_8bit_adam)
-        opt_student = make_optimizer(unets.student_parameters, learning_rate=args.learning_rate, **adam)
-        opt_fake = make_optimizer(unets.fake_score_parameters, learning_rate=fake_score_learning_rate, **adam)
+        adam.update(eps=args.adam_epsilon, use_8bit_adam=args.use_8bit_adam, name=args.optimizer)
+        optimizers = [make_optimizer(unets.student_parameters, learning_rate=args.learning_rate, **adam)]
+        if unets.fake_score_parameters:
+            optimizers.append(make_optimizer(unets.fake_score_parameters, learning_rate=fake_score_learning_rate,
+                                             **adam))  # fmt: skip
         schedules = [  # prepared schedules step once per process (diffusers' convention)
             get_scheduler(args.lr_scheduler, opt, num_warmup_steps=args.lr_warmup_steps * n,
                           num_training_steps=args.max_train_steps * n)  # fmt: skip
-            for opt in (opt_student, opt_fake)
+            for opt in optimizers
         ]
-        models = [unets.student] if unets.shared else [unets.student, unets.teacher]
+        models = [unets.student] if unets.shared or not unets.fake_score_parameters else [unets.student, unets.teacher]
         if unets.fake_score is not None:
             models.append(unets.fake_score)
-        *models, run.opt_student, run.opt_fake, run.sched_student, run.sched_fake = accelerator.prepare(
-            *models, opt_student, opt_fake, *schedules
-        )
+        prepared = accelerator.prepare(*models, *optimizers, *schedules)
+        k = len(optimizers)
+        models, optimizers, schedules = prepared[: len(models)], prepared[len(models) : -k], prepared[-k:]
+        run.opt_student, run.opt_fake = optimizers[0], optimizers[1] if k > 1 else None
+        run.sched_student, run.sched_fake = schedules[0], schedules[1] if k > 1 else None
         run.models = models
         run.ema = EMAModel(unets.student_parameters, decay=args.ema_decay) if args.use_ema else None
         register_checkpoint_hooks(accelerator, run.ema)
@@ -138,24 +145,29 @@ class Distillation:
         # unwrapped base. With a LoRA student all views are one network with adapters switched. Prompts become
         # conditioning dicts through the teacher pipeline's own encode_prompt (its unconditional branch included).
         run.base_student = accelerator.unwrap_model(models[0])
-        base_teacher = accelerator.unwrap_model(models[0 if unets.shared else 1])
+        base_teacher = unets.teacher if len(models) == 1 and not unets.shared else accelerator.unwrap_model(
+            models[0 if unets.shared else 1]
+        )
         run.student = AdapterView(models[0], unets.student_adapter, base=run.base_student)
         acp = run.alphas_cumprod = teacher.scheduler.alphas_cumprod.to(run.device)
         prediction_type = teacher.scheduler.config.prediction_type
         run.teacher_score = Denoiser(AdapterView(base_teacher, None), acp, prediction_type)
-        if unets.fake_score is None:  # a LoRA adapter on the shared frozen base
+        if not unets.fake_score_parameters:  # no fake score (consistency tuning)
+            run.fake_score = run.fake_score_train = None
+        elif unets.fake_score is None:  # a LoRA adapter on the shared frozen base
             run.fake_score = Denoiser(AdapterView(base_teacher, FAKE_SCORE_ADAPTER), acp, prediction_type)
             fake_train = AdapterView(models[-1], FAKE_SCORE_ADAPTER, base=base_teacher)
         else:  # a full trainable copy
             base_fake = accelerator.unwrap_model(models[-1])
             run.fake_score = Denoiser(AdapterView(base_fake, None), acp, prediction_type)
             fake_train = AdapterView(models[-1], None, base=base_fake)
-        run.fake_score_train = Denoiser(fake_train, acp, prediction_type)
+        if unets.fake_score_parameters:
+            run.fake_score_train = Denoiser(fake_train, acp, prediction_type)
         run.encoding = {"device": run.device, "dtype": run.dtype, "resolution": args.resolution}
         run.uncond = encode_prompts(teacher, [""], unconditional=True, **run.encoding)
         run.trainable = unets.student_parameters + unets.fake_score_parameters
         run.batches = prompt_batches(
-            prompts, args.train_batch_size * n, args.seed, start=run.first_step * args.gradient_accumulation_steps
+            examples, args.train_batch_size * n, args.seed, start=run.first_step * args.gradient_accumulation_steps
         )
         run.nan_guard = NaNGuard(args.nan_policy, args.max_nan_skips, args.nan_skip_window)
         return run

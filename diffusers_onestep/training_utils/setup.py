@@ -38,6 +38,7 @@ from .errors import TrainingArgumentError
 
 __all__ = [
     "FAKE_SCORE_ADAPTER",
+    "OPTIMIZERS",
     "STUDENT_ADAPTER",
     "AdapterView",
     "DistillationUNets",
@@ -410,7 +411,7 @@ class DistillationUNets:
         student_parameters, fake_score_parameters (`list`): the trainable parameters of each role.
         shared (`bool`): whether student and teacher are one module (LoRA student).
         fake_score (*optional*): the fake score's own module when it is a full trainable copy (SiD); `None` when it
-            is the LoRA adapter on `teacher`.
+            is the LoRA adapter on `teacher` or when there is none (`fake_score_parameters` is then empty).
     """
 
     student: torch.nn.Module
@@ -431,7 +432,7 @@ def build_distillation_unets(
     student_lora_rank: int = 0,
     student_lora_alpha: int | None = None,
     student_lora_target_modules: str | None = "to_q,to_k,to_v,to_out.0",
-    fake_score_lora_rank: int = 64,
+    fake_score_lora_rank: int | None = 64,
     fake_score_lora_alpha: int | None = 128,
     fake_score_lora_target_modules: str = "to_q,to_k,to_v,to_out.0",
     gradient_checkpointing: bool = False,
@@ -440,14 +441,16 @@ def build_distillation_unets(
     r"""
     Builds the student (full float32 copy when `student_lora_rank == 0`, else a LoRA adapter on `teacher_unet`) and
     the fake score (a LoRA adapter on `teacher_unet`, or with `fake_score_lora_rank == 0` a full float32 copy of it,
-    as SiD trains it), then casts the frozen base to `dtype`. Trainable parameters
+    as SiD trains it; `None`: no fake score, as consistency tuning), then casts the frozen base to `dtype`. Trainable parameters
     stay float32 (mixed precision runs them under autocast). `teacher_unet` is a UNet or a PixArt transformer;
     `student_lora_target_modules=None` takes the backbone's default (`TrainingBackbone.student_lora_target_modules`).
     """
     student = fake_score = None
     if student_lora_rank == 0:
         student = copy.deepcopy(teacher_unet).float().train().requires_grad_(True)
-    if fake_score_lora_rank == 0:
+    if fake_score_lora_rank is None:
+        fake_params = []
+    elif fake_score_lora_rank == 0:
         fake_score = copy.deepcopy(teacher_unet).float().train().requires_grad_(True)
         fake_params = list(fake_score.parameters())
     else:
@@ -481,6 +484,9 @@ def build_distillation_unets(
                              fake_score=fake_score)  # fmt: skip
 
 
+OPTIMIZERS = ("adamw", "radam")
+
+
 def make_optimizer(
     params: list[torch.nn.Parameter],
     *,
@@ -489,8 +495,19 @@ def make_optimizer(
     weight_decay: float = 1e-2,
     eps: float = 1e-8,
     use_8bit_adam: bool = False,
+    name: str = "adamw",
 ) -> torch.optim.Optimizer:
-    r"""AdamW (bitsandbytes' 8-bit AdamW with `use_8bit_adam`) over `params`."""
+    r"""
+    AdamW (bitsandbytes' 8-bit AdamW with `use_8bit_adam`), or with `name="radam"` torch's RAdam with decoupled weight
+    decay (ECT's optimizer), over `params`.
+    """
+    if name not in OPTIMIZERS:
+        raise TrainingArgumentError(f"`--optimizer` must be one of {OPTIMIZERS}, got {name!r}.")
+    if name == "radam":
+        if use_8bit_adam:
+            raise TrainingArgumentError("`--use_8bit_adam` is an AdamW option; drop it or use `--optimizer adamw`.")
+        return torch.optim.RAdam(params, lr=learning_rate, betas=betas, weight_decay=weight_decay, eps=eps,
+                                 decoupled_weight_decay=True)  # fmt: skip
     if use_8bit_adam:
         import bitsandbytes as bnb
 

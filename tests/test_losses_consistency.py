@@ -1,9 +1,9 @@
 """Math tests of the ECT / SCT consistency-tuning loss: the r rule, boundary condition, hand values, STF, dropout."""
 
-from types import SimpleNamespace
 
 import pytest
 import torch
+from toy_models import ConstantX0
 
 from diffusers_onestep.losses import (
     ConsistencyTuningLoss,
@@ -14,23 +14,6 @@ from diffusers_onestep.losses import (
 )
 from diffusers_onestep.models.denoiser import alpha_sigma
 from diffusers_onestep.testing_utils import get_dummy_components
-
-
-class ConstantX0(torch.nn.Module):
-    """A `"sample"`-prediction network that always answers `x0_star`: the exact denoiser of a one-point data set."""
-
-    def __init__(self, x0_star: torch.Tensor, dropout: float = 0.0):
-        super().__init__()
-        self.register_buffer("x0_star", x0_star)
-        self.drop = torch.nn.Dropout(dropout)
-        self.scale = torch.nn.Parameter(torch.tensor(1.0))
-
-    @property
-    def dtype(self):
-        return torch.float32
-
-    def forward(self, sample, timestep, encoder_hidden_states, cross_attention_kwargs=None):
-        return SimpleNamespace(sample=self.scale * self.drop(self.x0_star.expand_as(sample) + 0 * sample))
 
 
 def _abar():

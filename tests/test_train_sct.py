@@ -172,3 +172,16 @@ def test_set_dropout_sets_the_residual_blocks(script):
     assert all(m.dropout.p == 0.2 for m in resnets)
     attention_dropouts = [m for m in unet.modules() if isinstance(m, torch.nn.Dropout) and m.p != 0.2]
     assert attention_dropouts  # attention / feed-forward dropouts are left alone (ECT: residual blocks only)
+
+
+def test_presets_follow_ects_recipe(script, prompts_file, tmp_path):
+    from diffusers_onestep.training_utils import TrainingArguments, parse_args
+
+    common = [f"--output_dir={tmp_path / 'out'}", f"--train_data_dir={tmp_path}"]
+    for preset in ("sd15-ect", "sd15-sct", "sdxl-sct", "pixart-ect"):
+        args, ct = parse_args((TrainingArguments, script.SCTArguments), [f"--preset={preset}", *common])
+        assert (args.optimizer, args.learning_rate, args.adam_weight_decay, ct.dropout) == ("radam", 1e-4, 0.0, 0.2)
+        assert args.train_batch_size * args.gradient_accumulation_steps == 128 and args.ema_decay == 0.9999
+        assert ct.method == preset.split("-")[1] and (args.t_init, args.input_type) == (999, "noise")
+    with pytest.raises(ValueError, match="does not define"):  # a SiD preset names flags consistency tuning lacks
+        parse_args((TrainingArguments, script.SCTArguments), ["--preset=sd15-sid-lsg", *common])

@@ -97,6 +97,11 @@ _SCT = {
     "loss": ("diffusers_onestep.losses", "ConsistencyTuningLoss", "__call__"),
     "images": True,
 }
+_ACT = {
+    "flags": ["--train_batch_size=4", "--r1_interval=2", "--discriminator_block_out_channels=8,8", "--mid_weight=0.1"],
+    "loss": ("diffusers_onestep.losses", "ACTLoss", "generator_loss"),
+    "images": True,
+}
 SCRIPTS = [
     ScriptCase("train_pg_swiftbrush", **_PGSB),
     ScriptCase("train_pg_swiftbrush", **_PGSB, backbone="sdxl", slow=True),
@@ -107,6 +112,10 @@ SCRIPTS = [
     ScriptCase("train_sid", **_SID),
     ScriptCase("train_sid", **_SID, backbone="sdxl", slow=True),
     ScriptCase("train_sid", **_SID, backbone="pixart", slow=True),
+    # ACT on an imagefolder: the student, its EMA target and the discriminator (plain CT: tests/test_train_act.py)
+    ScriptCase("train_act", **_ACT),
+    ScriptCase("train_act", **_ACT, backbone="sdxl", slow=True),
+    ScriptCase("train_act", **_ACT, backbone="pixart", slow=True),
     # ECT / SCT on an imagefolder (ECT and the LoRA student: tests/test_train_sct.py)
     ScriptCase("train_sct", **_SCT),
     ScriptCase("train_sct", **_SCT, backbone="sdxl", slow=True),

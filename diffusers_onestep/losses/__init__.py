@@ -8,6 +8,7 @@ from ..models.denoiser import (
     classifier_free_guidance,
     to_x0_eps,
 )
+from .act import ACTLoss, adversarial_weights, ct_bins, ct_ema_decay, karras_sigmas, pseudo_huber
 from .consistency import ConsistencyTuningLoss, consistency_function, ect_r, sigma_to_timestep
 from .generator import INPUT_TYPES, student_generate, student_input
 from .sid import SiDLoss
@@ -15,6 +16,7 @@ from .vsd import PGSwiftBrushLoss, clamped_clip_loss
 
 
 __all__ = [
+    "ACTLoss",
     "ConsistencyTuningLoss",
     "INPUT_TYPES",
     "PREDICTION_TYPES",
@@ -24,9 +26,14 @@ __all__ = [
     "SiDLoss",
     "alpha_sigma",
     "clamped_clip_loss",
+    "adversarial_weights",
     "classifier_free_guidance",
     "consistency_function",
+    "ct_bins",
+    "ct_ema_decay",
     "ect_r",
+    "karras_sigmas",
+    "pseudo_huber",
     "sigma_to_timestep",
     "student_generate",
     "student_input",

@@ -20,6 +20,7 @@ from .denoiser import (
     student_input,
     to_x0_eps,
 )
+from .discriminator import LatentDiscriminator, pooled_text
 
 
 __all__ = [
@@ -39,4 +40,6 @@ __all__ = [
     "classifier_free_guidance",
     "student_input",
     "to_x0_eps",
+    "LatentDiscriminator",
+    "pooled_text",
 ]

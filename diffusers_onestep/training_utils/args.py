@@ -141,6 +141,72 @@ PRESETS.update({
     "pixart-sid": {**_SID, "pretrained_teacher_model_name_or_path": "PixArt-alpha/PixArt-XL-2-512x512"},
 })  # fmt: skip
 
+# ECT / SCT (METHODS.md section 5, from locuslab/ect `run_ecm.sh`, the CIFAR-10 recipe its paper numbers come from):
+# RAdam lr 1e-4, betas (0.9, 0.999), no weight decay, dropout 0.2, EMA 0.9999, batch 128, the gap halving 8 times over
+# the run (`--double 250` ticks of 12.8 kimg in 25.6 Mimg). For latent text-to-image teachers nothing is published
+# (*unverified*): batch 128 through 16 x 8 accumulation, 20k steps, bf16, the recipe's dropout on SD's residual blocks.
+_CT = {
+    "optimizer": "radam",
+    "learning_rate": 1e-4,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
+    "adam_weight_decay": 0.0,
+    "dropout": 0.2,
+    "use_ema": True,
+    "ema_decay": 0.9999,
+    "t_init": 999,
+    "input_type": "noise",
+    "mixed_precision": "bf16",
+    "train_batch_size": 16,
+    "gradient_accumulation_steps": 8,
+    "max_train_steps": 20_000,
+    "lr_scheduler": "constant",
+    "checkpointing_steps": 1000,
+    "validation_steps": 1000,
+}
+_TEACHERS = {
+    "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sd21": "stabilityai/stable-diffusion-2-1-base",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+    "pixart": "PixArt-alpha/PixArt-XL-2-512x512",
+}
+PRESETS.update({
+    f"{name}-{method}": {**_CT, "method": method, "pretrained_teacher_model_name_or_path": teacher,
+                         **({"train_batch_size": 4, "gradient_accumulation_steps": 32} if name == "sdxl" else {})}
+    for name, teacher in _TEACHERS.items() for method in ("ect", "sct")
+})  # fmt: skip
+
+# ACT (METHODS.md section 6, kong13661/ACT `train_imagenet64.py` main(): its conditional, largest-scale setting):
+# RAdam lr 5e-5 for both players, betas (0, 0.99) (D: beta2 x 16/17), lambda 0.6 with the per-level schedule (0.2 at
+# mid grid), N(k) 2 -> 200, mu0 0.95, R1 gamma 10 every 16 steps, 16-bit. Batch (16 x 8 accumulation: 64 images for
+# the student, 64 for D per step) and 20k steps are *unverified* for latent text-to-image teachers (official: 320
+# per GPU for the student, 400k steps).
+_ACT = {
+    "optimizer": "radam",
+    "learning_rate": 5e-5,
+    "adam_beta1": 0.0,
+    "adam_beta2": 0.99,
+    "adam_weight_decay": 0.0,
+    "adversarial_weight": 0.6,
+    "mid_weight": 0.2,
+    "bins_max": 200,
+    "ema_decay_init": 0.95,
+    "t_init": 999,
+    "input_type": "noise",
+    "mixed_precision": "bf16",
+    "train_batch_size": 16,
+    "gradient_accumulation_steps": 8,
+    "max_train_steps": 20_000,
+    "lr_scheduler": "constant",
+    "checkpointing_steps": 1000,
+    "validation_steps": 1000,
+}
+PRESETS.update({
+    f"{name}-act": {**_ACT, "pretrained_teacher_model_name_or_path": teacher,
+                    **({"train_batch_size": 4, "gradient_accumulation_steps": 32} if name == "sdxl" else {})}
+    for name, teacher in _TEACHERS.items()
+})  # fmt: skip
+
 _CHECK = "onestep_check"  # field-metadata key of `arg`'s checks (removed before argparse sees the metadata)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _SECRET_NAME = re.compile(r"token|secret|password|api_key", re.IGNORECASE)

@@ -66,7 +66,9 @@ class Distillation:
       networks), `fake_score_train` (the fake score's `Denoiser` through its prepared module);
     - `opt_student`, `opt_fake`, `sched_student`, `sched_fake`, `ema`, `nan_guard`, `uncond` (the empty prompt's
       conditioning), `encoding` (the keyword arguments of `encode_prompts`), `alphas_cumprod`;
-    - `batches` (an endless iterator of global prompt batches, resumed where the checkpoint left it).
+    - `batches` (an endless iterator of global prompt batches, resumed where the checkpoint left it);
+    - `critic`, `critic_base`, `opt_critic`, `sched_critic`: a method's own extra player (ACT's discriminator),
+      prepared, checkpointed and resumed with the rest (`None` without one).
     """
 
     @classmethod
@@ -81,14 +83,19 @@ class Distillation:
         fake_score_lora_rank: int | None = None,
         fake_score_lora_alpha: int | None = None,
         fake_score_lora_target_modules: str = "to_q,to_k,to_v,to_out.0",
+        critic=None,
+        critic_learning_rate: float | None = None,
+        critic_betas: tuple[float, float] | None = None,
     ) -> Distillation:
         r"""
         Sets the run up (see the module docstring). `examples` are what the batches are drawn from: the prompts of a
         data-free run, the dataset indices of a real-data run (`ImageCaptionDataset.indices`). `fake_score_lora_rank=0`
         makes the fake score a full trainable float32 copy of the teacher (SiD's choice), `> 0` a LoRA adapter on the
         teacher's frozen network, `None` (consistency tuning) no fake score at all (`fake_score`, `opt_fake`, ...
-        are then `None`). `argument_types` are the script's argument dataclasses (for the trackers' config, secrets
-        left out).
+        are then `None`). `critic` (a factory `TeacherComponents -> nn.Module`, called once the teacher is loaded) adds
+        a trained network of the method's own, e.g. ACT's discriminator, with its own optimizer (`critic_learning_rate`,
+        `critic_betas`, else the student's). `argument_types` are the script's argument dataclasses (for the trackers'
+        config, secrets left out).
         """
         run = cls()
         run.args = args
@@ -118,6 +125,11 @@ class Distillation:
         if unets.fake_score_parameters:
             optimizers.append(make_optimizer(unets.fake_score_parameters, learning_rate=fake_score_learning_rate,
                                              **adam))  # fmt: skip
+        critic = critic(teacher).to(run.device).float().train() if critic is not None else None
+        if critic is not None:
+            critic_adam = {**adam, "betas": critic_betas or adam["betas"]}
+            optimizers.append(make_optimizer(list(critic.parameters()), learning_rate=critic_learning_rate
+                                             or args.learning_rate, **critic_adam))  # fmt: skip
         schedules = [  # prepared schedules step once per process (diffusers' convention)
             get_scheduler(args.lr_scheduler, opt, num_warmup_steps=args.lr_warmup_steps * n,
                           num_training_steps=args.max_train_steps * n)  # fmt: skip
@@ -126,11 +138,17 @@ class Distillation:
         models = [unets.student] if unets.shared or not unets.fake_score_parameters else [unets.student, unets.teacher]
         if unets.fake_score is not None:
             models.append(unets.fake_score)
+        if critic is not None:
+            models.append(critic)
         prepared = accelerator.prepare(*models, *optimizers, *schedules)
         k = len(optimizers)
-        models, optimizers, schedules = prepared[: len(models)], prepared[len(models) : -k], prepared[-k:]
-        run.opt_student, run.opt_fake = optimizers[0], optimizers[1] if k > 1 else None
-        run.sched_student, run.sched_fake = schedules[0], schedules[1] if k > 1 else None
+        models, optimizers, schedules = list(prepared[: len(models)]), prepared[len(models) : -k], prepared[-k:]
+        run.opt_student, run.sched_student = optimizers[0], schedules[0]
+        has_fake = bool(unets.fake_score_parameters)
+        run.opt_fake, run.sched_fake = (optimizers[1], schedules[1]) if has_fake else (None, None)
+        run.critic = models.pop() if critic is not None else None
+        run.opt_critic, run.sched_critic = (optimizers[-1], schedules[-1]) if critic is not None else (None, None)
+        run.critic_base = critic
         run.models = models
         run.ema = EMAModel(unets.student_parameters, decay=args.ema_decay) if args.use_ema else None
         register_checkpoint_hooks(accelerator, run.ema)
@@ -166,10 +184,14 @@ class Distillation:
         run.encoding = {"device": run.device, "dtype": run.dtype, "resolution": args.resolution}
         run.uncond = encode_prompts(teacher, [""], unconditional=True, **run.encoding)
         run.trainable = unets.student_parameters + unets.fake_score_parameters
+        if critic is not None:
+            run.trainable = run.trainable + list(critic.parameters())
         run.batches = prompt_batches(
             examples, args.train_batch_size * n, args.seed, start=run.first_step * args.gradient_accumulation_steps
         )
         run.nan_guard = NaNGuard(args.nan_policy, args.max_nan_skips, args.nan_skip_window)
+        if run.critic is not None:
+            run.models = [*run.models, run.critic]  # `accelerator.accumulate` covers it
         return run
 
     # ------------------------------------------------------------------------------------------------ the loop
@@ -228,14 +250,32 @@ class Distillation:
     def fake_score_frozen(self):
         r"""`requires_grad=False` on the fake score's parameters for the block (SiD's generator step: gradients flow
         through the fake score's input into G, and none land on the fake score)."""
-        params = self.unets.fake_score_parameters
-        for p in params:
-            p.requires_grad_(False)
+        with _frozen(self.unets.fake_score_parameters):
+            yield
+
+    def update_critic(self, loss: torch.Tensor, step: LoopStep, name: str = "loss_critic"):
+        r"""Backward of `loss` (skipped when not finite), then the critic's optimizer step."""
+        params = list(self.critic_base.parameters())
+        backward_if_finite(self.accelerator, loss, step.global_step, self.nan_guard, name)
+        optimizer_step(self.accelerator, self.opt_critic, self.sched_critic, params, self.args.max_grad_norm,
+                       step.global_step, self.nan_guard)  # fmt: skip
+
+    @contextmanager
+    def critic_frozen(self):
+        r"""`requires_grad=False` on the critic's parameters for the block (the generator's adversarial term)."""
+        with _frozen(list(self.critic_base.parameters())):
+            yield
+
+    @contextmanager
+    def ema_weights(self):
+        r"""The student's EMA weights in place of its own for the block (a consistency target), then restored."""
+        params = self.unets.student_parameters
+        self.ema.store(params)
+        self.ema.copy_to(params)
         try:
             yield
         finally:
-            for p in params:
-                p.requires_grad_(True)
+            self.ema.restore(params)
 
     def ema_step(self) -> None:
         if self.accelerator.sync_gradients and self.ema is not None:
@@ -291,3 +331,15 @@ class Distillation:
             pipeline = self.student_pipeline()
         accelerator.end_training()
         return pipeline
+
+
+@contextmanager
+def _frozen(params: list):
+    r"""`requires_grad=False` on `params` for the block: gradients flow through their modules, none land on them."""
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)

@@ -41,8 +41,12 @@ def _argv(teacher, prompts, out, *flags):
 def test_saved_student_is_a_two_step_consistency_pipeline(script, tiny_teacher_dir, prompts_file, tmp_path, method):
     out = tmp_path / method
     extra = ["--stf_reference_size=3"] if method == "sct" else []
-    script.main(_argv(tiny_teacher_dir, prompts_file, out, f"--method={method}", "--max_train_steps=2",
-                      "--checkpointing_steps=2", "--use_ema", "--mid_sigma=0.821", *extra))  # fmt: skip
+    returned = script.main(_argv(tiny_teacher_dir, prompts_file, out, f"--method={method}", "--max_train_steps=2",
+                                 "--checkpointing_steps=2", "--use_ema", "--mid_sigma=0.821", "--dropout=0.3", *extra,
+                                 "--validation_prompts", PROMPTS[0]))  # fmt: skip
+    # trained with dropout on the residual blocks; validated and returned in eval mode
+    assert not returned.unet.training and {m.dropout.p for m in returned.unet.modules() if hasattr(m, "conv1")} == {0.3}
+    assert (out / "validation" / "step-000002.png").is_file()
     pipe = OneStepPipeline.from_pretrained(out)
     config = pipe.scheduler.config
     expected_mid = int(consistency.sigma_to_timestep(pipe.scheduler.alphas_cumprod, torch.tensor([0.821])).round())

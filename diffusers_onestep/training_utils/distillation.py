@@ -209,13 +209,15 @@ class Distillation:
 
     def validate(self, step: int) -> list[str]:
         r"""Validation images of `--validation_prompts` at `step`; returns the grid's path."""
-        args = self.args
+        args, network = self.args, self.base_student
+        training, _ = network.training, network.eval()  # no dropout in the images (consistency tuning trains with it)
         with self.accelerator.autocast():
             _, path = log_validation(
                 self.student_pipeline(), prompts=args.validation_prompts, accelerator=self.accelerator, step=step,
                 output_dir=args.output_dir, seed=args.seed, num_images_per_prompt=args.num_validation_images,
                 **self.teacher.generation_kwargs(self.latent_shape),
             )  # fmt: skip
+        network.train(training)
         return [path]
 
     def checkpoint(self, step: int) -> None:
@@ -329,6 +331,7 @@ class Distillation:
                     retries=args.hub_retries,
                 )  # fmt: skip
             pipeline = self.student_pipeline()
+            self.base_student.eval()
         accelerator.end_training()
         return pipeline
 

@@ -5,7 +5,8 @@
         --students pgsb=/work/digits_artifacts/students/pgsb_control sid=/work/digits_artifacts/students/sid \
         --logs pgsb=/work/digits_artifacts/pgsb_control.log sid=/work/digits_artifacts/sid.log
 
-For every `checkpoint-N/` of every student (iteration 0 is the teacher's own network), the 1-step digits-FID and
+For every `checkpoint-N/` of every student (iteration 0 is the teacher's own network), the digits-FID (1 step, or
+`--num_inference_steps`) and
 prompt accuracy of the backbone's one-step pipeline (`OneStepPipeline`, `OneStepXLPipeline`, `OneStepPixArtPipeline`,
 chosen from the teacher's class) at the student's own `t_init` / `input_type` (read from its saved `scheduler/`, else
 `--t_init` on pure noise), against the teacher at DPM-Solver++ 25 steps with CFG at the same N. With `--logs` (the
@@ -63,7 +64,7 @@ def plot_minutes(curves: dict, path: str, reference_fid: float, xlabel: str | No
         timed = [p for p in points if p.get("minutes") is not None]
         axis.plot([p["minutes"] for p in timed], [p["fid"] for p in timed], marker="o", label=name)
     axis.axhline(reference_fid, color="grey", linestyle="--", label="teacher, 25 steps (reference)")
-    axis.set(xlabel=xlabel or "training wall minutes (one CPU thread)", ylabel="digits-FID, 1 step (log scale)", yscale="log",
+    axis.set(xlabel=xlabel or "training wall minutes (one CPU thread)", ylabel="digits-FID (log scale)", yscale="log",
              title="digits-FID against training time")  # fmt: skip
     axis.legend()
     figure.savefig(path, dpi=120)
@@ -80,6 +81,8 @@ def student_pipeline(teacher_dir: str, teacher, student_dir: str, t_init: int):
         teacher_dir, **{network: os.path.join(teacher_dir, network)}, t_init=config["t_init"],
         input_type=config.get("input_type", "noise"),
     )  # fmt: skip
+    if os.path.isdir(saved):  # the whole saved config (a consistency student's mid_timestep included)
+        pipe.scheduler = ConsistencyStudentScheduler.from_pretrained(saved)
     pipe.set_progress_bar_config(disable=True)
     return pipe, getattr(pipe, network), backbone.call_kwargs
 
@@ -98,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--t_init", type=int, default=800, help="for students without a saved scheduler/")
     parser.add_argument("--teacher_guidance_scale", type=float, default=1.25)
     parser.add_argument("--batch_size", type=int, default=100)
+    parser.add_argument("--num_inference_steps", type=int, default=1, help="student steps of every point")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     students = dict(pair.split("=", 1) for pair in args.students)
@@ -123,7 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
         pipe, network, call_kwargs = student_pipeline(args.teacher_dir, teacher, path, args.t_init)
 
         def student(prompts_batch, generator, pipe=pipe, call_kwargs=call_kwargs):
-            return pipe(prompts_batch, generator=generator, output_type="pt", **call_kwargs).images
+            return pipe(prompts_batch, generator=generator, output_type="pt",
+                        num_inference_steps=args.num_inference_steps, **call_kwargs).images  # fmt: skip
 
         points = []
         for checkpoint in [None, *list_checkpoints(path)]:

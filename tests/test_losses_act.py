@@ -185,3 +185,17 @@ def test_ct_target_is_the_ema_at_the_previous_point_with_the_same_noise():
     target, _ = loss_fn.consistency(exact, x0, None, bins=8, indices=index - 1, noise=noise)
     loss, _ = loss_fn.generator_loss(exact, None, x0, None, None, target, bins=8, indices=index, noise=noise)
     torch.testing.assert_close(loss, torch.zeros(3), atol=2e-5, rtol=0)
+
+
+def test_discriminator_attention_only_where_the_latents_are_at_most_16_wide():
+    unet = get_dummy_components()["unet"]
+    kinds = list(unet.config.down_block_types)
+    assert any("CrossAttn" in k for k in kinds)
+    small = LatentDiscriminator.for_network(unet, 32, latent_size=8)
+    assert [type(b).__name__ for b in small.down_blocks] == [
+        "AttnDownBlock2D" if "CrossAttn" in k else "DownBlock2D" for k in kinds
+    ]
+    large = LatentDiscriminator.for_network(unet, 32, latent_size=128)  # every level wider than 16: no attention
+    assert {type(b).__name__ for b in large.down_blocks} == {"DownBlock2D"}
+    with pytest.raises(ValueError, match="mid_weight"):
+        ACTLoss(adversarial_weight=0.3, mid_weight=0.5)

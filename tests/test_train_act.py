@@ -105,7 +105,9 @@ def test_presets_follow_the_official_imagenet_settings(script, tmp_path):
      (["--adversarial_weight=0", "--r1_gamma=5"], "--adversarial_weight"), (["--bins_min=10", "--bins_max=5"],
      "--bins_max"), (["--discriminator_block_out_channels=a,b"], "--discriminator_block_out_channels"),
      (["--adversarial_weight=1.5"], "--adversarial_weight"), (["--mid_weight=0"], "--mid_weight"),
-     (["--bins_min=1"], "--bins_min"), (["--ema_decay_init=1"], "--ema_decay_init")],
+     (["--bins_min=1"], "--bins_min"), (["--ema_decay_init=1"], "--ema_decay_init"),
+     (["--adversarial_weight=0.3", "--mid_weight=0.5"], "--mid_weight"),
+     (["--discriminator_block_out_channels=12,24"], "--discriminator_block_out_channels")],
 )  # fmt: skip
 def test_bad_flags_are_refused_before_any_work(
     script, tiny_teacher_dir, prompts_file, tmp_path, flags, match, capsys, monkeypatch

@@ -189,3 +189,11 @@ def test_presets_follow_ects_recipe(script, prompts_file, tmp_path):
         assert ct.method == preset.split("-")[1] and (args.t_init, args.input_type) == (999, "noise")
     with pytest.raises(ValueError, match="does not define"):  # a SiD preset names flags consistency tuning lacks
         parse_args((TrainingArguments, script.SCTArguments), ["--preset=sd15-sid-lsg", *common])
+
+
+def test_list_captions_are_refused_with_the_column_named():
+    import datasets
+
+    table = datasets.Dataset.from_dict({"image": [Image.new("RGB", (4, 4))], "text": [["a cat", "a kitten"]]})
+    with pytest.raises(TrainingArgumentError, match="`--caption_column` 'text'.*lists of captions"):
+        ImageCaptionDataset(table, resolution=4)

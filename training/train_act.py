@@ -20,6 +20,7 @@ available offline), ACT-Aug's adaptive augmentation is not implemented.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from diffusers_onestep.losses import ACTLoss, Denoiser
-from diffusers_onestep.models import LatentDiscriminator, pooled_text
+from diffusers_onestep.models import LatentDiscriminator, pooled_text, slice_conditioning
 from diffusers_onestep.training_utils import (
     AdapterView,
     Distillation,
@@ -76,20 +77,22 @@ def _discriminator(act: ACTArguments, args: TrainingArguments):
             widths = tuple(int(w) for w in act.discriminator_block_out_channels.split(","))
         except ValueError:
             widths = None
-        if not widths or min(widths) < 1:
+        if not widths or min(widths) < 1 or any(w % 8 for w in widths):
             raise TrainingArgumentError(
-                "`--discriminator_block_out_channels` must be comma-separated positive integers, e.g. '64,128', got "
-                f"{act.discriminator_block_out_channels!r}."
+                "`--discriminator_block_out_channels` must be comma-separated positive multiples of 8 (the attention "
+                f"head width), e.g. '64,128', got {act.discriminator_block_out_channels!r}."
             )
 
     def build(teacher):
         text = pooled_text(encode_prompts(teacher, [""], device=teacher.vae.device, resolution=args.resolution))
         overrides = {}
         if widths:
-            groups = min(32, *widths)
+            groups = min(32, math.gcd(*widths))
             overrides = {"block_out_channels": widths, "norm_num_groups": groups,
                          "down_block_types": ("DownBlock2D",) * (len(widths) - 1) + ("AttnDownBlock2D",)}  # fmt: skip
-        return LatentDiscriminator.for_network(teacher.network, text.shape[-1], **overrides)
+        latent_size = (args.resolution or teacher.network.config.sample_size * teacher.vae_scale_factor)
+        latent_size //= teacher.vae_scale_factor
+        return LatentDiscriminator.for_network(teacher.network, text.shape[-1], latent_size=latent_size, **overrides)
 
     return build
 
@@ -101,6 +104,11 @@ def main(argv: list[str] | None = None) -> DiffusionPipeline | None:
     validate_training_args(args)
     if any(a.split("=")[0] == "--ema_decay" for a in argv):
         raise TrainingArgumentError("`--ema_decay`: ACT ties the EMA decay to N(k); set `--ema_decay_init` (mu0).")
+    if act.mid_weight is not None and act.mid_weight > act.adversarial_weight:
+        raise TrainingArgumentError(
+            f"`--mid_weight` ({act.mid_weight}) must be <= `--adversarial_weight` ({act.adversarial_weight}): lambda "
+            "grows from the grid's middle to its top (a larger mid weight would push lambda above 1)."
+        )
     if act.bins_max < act.bins_min:
         raise TrainingArgumentError(f"`--bins_max` ({act.bins_max}) must be >= `--bins_min` ({act.bins_min}).")
     adversarial = act.adversarial_weight > 0
@@ -127,6 +135,7 @@ def main(argv: list[str] | None = None) -> DiffusionPipeline | None:
         critic_learning_rate=act.discriminator_learning_rate, critic_betas=(args.adam_beta1, args.adam_beta2 * 16 / 17),
     )  # fmt: skip
     accelerator, teacher, n = run.accelerator, run.teacher, run.num_processes
+    run.ema.update_after_step = -1  # mu(k) from the first update on (diffusers' EMAModel returns 0 on its first step)
     data.for_vae(teacher.vae.config.in_channels, run.latent_shape[1] * teacher.vae_scale_factor)
     prediction_type, acp = teacher.scheduler.config.prediction_type, run.alphas_cumprod
     student = Denoiser(run.student, acp, prediction_type)  # through the prepared (DDP) module: gradients
@@ -150,7 +159,7 @@ def main(argv: list[str] | None = None) -> DiffusionPipeline | None:
             latents = encode_images(teacher.vae, data.pixels(examples, flips), posterior, run.dtype)
             cond = run.encode([data.captions[i] for i in examples])
             text = pooled_text(cond)
-            part = {k: v[:h] for k, v in cond.items()}
+            part = slice_conditioning(cond, slice(0, h))
             # 1. student step on the first half: CT target from the EMA at n, online f at n + 1, same noise; the
             # adversarial term's gradient flows through the frozen D
             with torch.no_grad(), run.ema_weights():
@@ -167,8 +176,8 @@ def main(argv: list[str] | None = None) -> DiffusionPipeline | None:
             # the clean latents at independent grid points; lazy R1
             if adversarial:
                 with torch.no_grad():
-                    fake, _ = loss_fn.consistency(plain, latents[q[0]], {k: v[q[0]] for k, v in cond.items()},
-                                                  bins=bins, indices=fake_index[q[0]], noise=fake_noise[q[0]])  # fmt: skip
+                    fake, _ = loss_fn.consistency(plain, latents[q[0]], slice_conditioning(cond, q[0]), bins=bins,
+                                                  indices=fake_index[q[0]], noise=fake_noise[q[0]])  # fmt: skip
                 loss_d, d_logs = loss_fn.discriminator_loss(
                     run.critic, fake, fake_index[q[0]], text[q[0]], latents[q[1]], real_index[q[1]], text[q[1]],
                     bins=bins, alphas_cumprod=acp, r1=step.global_step % act.r1_interval == 0,

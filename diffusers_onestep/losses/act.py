@@ -86,6 +86,8 @@ class ACTLoss:
     ):  # fmt: skip
         if not 0 <= adversarial_weight <= 1 or bins_min < 2 or bins_max < bins_min:
             raise ValueError(f"bad `adversarial_weight` {adversarial_weight} or bins ({bins_min}, {bins_max}).")
+        if mid_weight is not None and not 0 < mid_weight <= adversarial_weight:
+            raise ValueError(f"`mid_weight` must be in (0, adversarial_weight = {adversarial_weight}], got {mid_weight}.")
         self.weight, self.mid_weight, self.r1_gamma, self.r1_interval = adversarial_weight, mid_weight, r1_gamma, r1_interval
         self.rho, self.bins_min, self.bins_max, self.mu0 = rho, bins_min, bins_max, ema_decay_init
         self.distance = distance or (lambda a, b: pseudo_huber(a, b, huber_c))

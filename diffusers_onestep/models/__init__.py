@@ -9,6 +9,7 @@ from .backbones import (
     backbone_for,
     cat_conditioning,
     repeat_conditioning,
+    slice_conditioning,
 )
 from .denoiser import (
     INPUT_TYPES,
@@ -32,6 +33,7 @@ __all__ = [
     "backbone_for",
     "cat_conditioning",
     "repeat_conditioning",
+    "slice_conditioning",
     "INPUT_TYPES",
     "PREDICTION_TYPES",
     "Denoiser",

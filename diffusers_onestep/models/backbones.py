@@ -51,6 +51,11 @@ def repeat_conditioning(cond: dict, repeats: int) -> dict:
     return {k: v.repeat_interleave(repeats, dim=0) if torch.is_tensor(v) else v for k, v in cond.items()}
 
 
+def slice_conditioning(cond: dict, rows) -> dict:
+    r"""The rows `rows` (a slice or index tensor) of every tensor of a conditioning dict; other values stay as they are."""
+    return {k: v[rows] if torch.is_tensor(v) else v for k, v in cond.items()}
+
+
 def as_conditioning(cond: torch.Tensor | dict) -> dict:
     r"""A conditioning dict; a tensor is SD's `encoder_hidden_states` (the SD 1.x / 2.x tensor path)."""
     return cond if isinstance(cond, dict) else {"encoder_hidden_states": cond}

@@ -84,19 +84,24 @@ class LatentDiscriminator(ModelMixin, ConfigMixin):
                 module.set_processor(AttnProcessor())
 
     @classmethod
-    def for_network(cls, network: torch.nn.Module, text_embed_dim: int, **overrides) -> LatentDiscriminator:
+    def for_network(
+        cls, network: torch.nn.Module, text_embed_dim: int, latent_size: int | None = None, **overrides
+    ) -> LatentDiscriminator:
         r"""
-        A discriminator mirroring a teacher UNet's encoder (its channels, levels and layers; cross-attention blocks
-        become self-attention blocks), or for a transformer (PixArt) ACT's CIFAR widths over `in_channels`.
+        A discriminator mirroring a teacher UNet's encoder (its channels, levels and layers; a cross-attention block
+        becomes a self-attention block where its input is at most 16 latent pixels wide, as ACT puts attention at
+        16x16 only; `latent_size` defaults to the network's sample size), or for a transformer (PixArt) ACT's CIFAR
+        widths over `in_channels`.
         """
         config = network.config
         kwargs = {"in_channels": config.in_channels, "text_embed_dim": text_embed_dim}
         if "down_block_types" in config:
+            size = latent_size or config.sample_size
+            kinds = ["AttnDownBlock2D" if "CrossAttn" in kind and size // 2**i <= 16 else "DownBlock2D"
+                     for i, kind in enumerate(config.down_block_types)]  # fmt: skip
             kwargs.update(
                 block_out_channels=tuple(config.block_out_channels), layers_per_block=config.layers_per_block,
-                down_block_types=tuple("AttnDownBlock2D" if "CrossAttn" in b else "DownBlock2D"
-                                       for b in config.down_block_types),
-                norm_num_groups=config.norm_num_groups, attention_head_dim=8,
+                down_block_types=tuple(kinds), norm_num_groups=config.norm_num_groups, attention_head_dim=8,
             )  # fmt: skip
         return cls(**{**kwargs, **overrides})
 

@@ -145,6 +145,8 @@ PRESETS.update({
 # RAdam lr 1e-4, betas (0.9, 0.999), no weight decay, dropout 0.2, EMA 0.9999, batch 128, the gap halving 8 times over
 # the run (`--double 250` ticks of 12.8 kimg in 25.6 Mimg). For latent text-to-image teachers nothing is published
 # (*unverified*): batch 128 through 16 x 8 accumulation, 20k steps, bf16, the recipe's dropout on SD's residual blocks.
+# Gradients are clipped at norm 1 (the shared `--max_grad_norm`; neither ECT nor ACT clips: a deviation kept for
+# stability at bf16, unmeasured; both presets inherit it).
 _CT = {
     "optimizer": "radam",
     "learning_rate": 1e-4,

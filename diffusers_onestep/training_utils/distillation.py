@@ -211,7 +211,8 @@ class Distillation:
         r"""Validation images of `--validation_prompts` at `step`; returns the grid's path."""
         args, network = self.args, self.base_student
         training, _ = network.training, network.eval()  # no dropout in the images (consistency tuning trains with it)
-        with self.accelerator.autocast():
+        # the EMA weights when kept: what is saved (and, for consistency training, what samples)
+        with self.ema_weights() if self.ema is not None else nullcontext(), self.accelerator.autocast():
             _, path = log_validation(
                 self.student_pipeline(), prompts=args.validation_prompts, accelerator=self.accelerator, step=step,
                 output_dir=args.output_dir, seed=args.seed, num_images_per_prompt=args.num_validation_images,
@@ -270,14 +271,21 @@ class Distillation:
 
     @contextmanager
     def ema_weights(self):
-        r"""The student's EMA weights in place of its own for the block (a consistency target), then restored."""
-        params = self.unets.student_parameters
-        self.ema.store(params)
-        self.ema.copy_to(params)
+        r"""
+        The student's EMA weights in place of its own for the block (a consistency target, validation images), then
+        restored. The online weights wait in one persistent stash on the device (`EMAModel.store` would copy them
+        through host memory on every call).
+        """
+        params = [p.data for p in self.unets.student_parameters]
+        stash = self.__dict__.get("_ema_stash")
+        if stash is None:
+            stash = self.__dict__["_ema_stash"] = [torch.empty_like(p) for p in params]
+        torch._foreach_copy_(stash, params)
+        torch._foreach_copy_(params, [s.to(p.device, p.dtype) for s, p in zip(self.ema.shadow_params, params)])
         try:
             yield
         finally:
-            self.ema.restore(params)
+            torch._foreach_copy_(params, stash)
 
     def ema_step(self) -> None:
         if self.accelerator.sync_gradients and self.ema is not None:

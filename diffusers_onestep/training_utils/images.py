@@ -57,7 +57,13 @@ class ImageCaptionDataset:
             raise TrainingArgumentError(f"{source} holds no images.")
         self.dataset, self.image_column, self.random_flip = dataset, image_column, random_flip
         self.for_vae(channels, resolution)
-        self.captions = [str(c).strip() for c in dataset[caption_column]]
+        captions = dataset[caption_column]
+        if any(isinstance(c, (list, tuple)) for c in captions):
+            raise TrainingArgumentError(
+                f"`--caption_column` {caption_column!r} of {source} holds lists of captions; keep one caption per image "
+                "(e.g. `dataset.map(lambda row: {'text': row['text'][0]})`)."
+            )
+        self.captions = [str(c).strip() for c in captions]
         groups: dict[str, list[int]] = {}
         for index, caption in enumerate(self.captions):
             groups.setdefault(caption, []).append(index)

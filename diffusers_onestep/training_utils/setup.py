@@ -86,8 +86,8 @@ def setup_accelerator(args, *, find_unused_parameters: bool = False) -> Accelera
     else:
         transformers.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()
-    if args.seed is not None:
-        set_seed(args.seed)
+    if args.seed is not None:  # one stream per rank (dropout masks differ across ranks; all data draws are per step)
+        set_seed(args.seed, device_specific=True)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     return accelerator

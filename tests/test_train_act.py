@@ -107,7 +107,8 @@ def test_presets_follow_the_official_imagenet_settings(script, tmp_path):
      (["--adversarial_weight=1.5"], "--adversarial_weight"), (["--mid_weight=0"], "--mid_weight"),
      (["--bins_min=1"], "--bins_min"), (["--ema_decay_init=1"], "--ema_decay_init"),
      (["--adversarial_weight=0.3", "--mid_weight=0.5"], "--mid_weight"),
-     (["--discriminator_block_out_channels=12,24"], "--discriminator_block_out_channels")],
+     (["--discriminator_block_out_channels=12,24"], "--discriminator_block_out_channels"),
+     (["--distance=l2"], "--distance")],
 )  # fmt: skip
 def test_bad_flags_are_refused_before_any_work(
     script, tiny_teacher_dir, prompts_file, tmp_path, flags, match, capsys, monkeypatch
@@ -119,3 +120,15 @@ def test_bad_flags_are_refused_before_any_work(
     message = capsys.readouterr().err if error.type is SystemExit else str(error.value)
     assert match in message, message
     assert not loaded and not (tmp_path / "out").exists()
+
+
+def test_lpips_distance_is_refused_with_an_install_hint_when_lpips_is_missing(
+    script, tiny_teacher_dir, prompts_file, tmp_path, monkeypatch
+):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lpips" else real(name, *a))
+    with pytest.raises(ValueError, match="`--distance lpips` needs `pip install lpips`"):
+        script.main(CASE.argv(tiny_teacher_dir, prompts_file, tmp_path / "out", "--distance=lpips"))
+    assert not (tmp_path / "out").exists()

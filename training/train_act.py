@@ -14,15 +14,18 @@ consistency training (no D; the whole batch goes to the student). The loss lives
     accelerate launch training/train_act.py --preset sd15-act --train_data_dir my_imagefolder --output_dir sd15-act
 
 Adapted from the pixel-space, class-conditional official code: the student is initialised from the teacher (ACT
-trains from scratch), D sees latents and the pooled text embedding, the distance is pseudo-Huber (ACT: LPIPS; not
-available offline), ACT-Aug's adaptive augmentation is not implemented.
+trains from scratch), D sees latents and the pooled text embedding, the distance is pseudo-Huber by default
+(`--distance lpips`: ACT's LPIPS on decoded images, untested offline), ACT-Aug's adaptive augmentation is not
+implemented.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import sys
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from diffusers import DiffusionPipeline
@@ -67,6 +70,10 @@ class ACTArguments:
     ema_decay_init: float = arg(0.9, "mu0 of the EMA decay mu(k) = mu0^(s0 / (N(k) - 1)) (ImageNet 0.95).", low=0,
                                 high=1, low_open=True, high_open=True)  # fmt: skip
     huber_c: float | None = arg(None, "Pseudo-Huber c (default iCT's 0.00054 sqrt(latent size)).", low=0)
+    distance: Literal["pseudo_huber", "lpips"] = arg(
+        "pseudo_huber", "CT distance: pseudo-Huber on latents, or ACT's LPIPS (VGG) on VAE-decoded images, resized to "
+        "224 (needs the `lpips` package and its VGG weights, downloaded by torchvision on first use).",
+    )  # fmt: skip
     rho: float = arg(7.0, "Karras rho.", low=0, low_open=True)
 
 
@@ -97,6 +104,26 @@ def _discriminator(act: ACTArguments, args: TrainingArguments):
     return build
 
 
+def lpips_distance(vae):
+    r"""ACT's LPIPS distance (`models/loss.py`: VGG, both images at 224, the target clipped to [-1, 1]) on latents
+    decoded by `vae` (gradients flow through the online side's decode). *Untested here*: no LPIPS weights offline."""
+    import lpips
+
+    net = lpips.LPIPS(net="vgg", verbose=False).requires_grad_(False).eval()
+
+    def decode(latents):
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        images = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample.float()
+        images = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+        return torch.nn.functional.interpolate(images, size=(224, 224), mode="bilinear")
+
+    def distance(online, target):
+        net.to(online.device)
+        return net(decode(online), decode(target).clamp(-1, 1)).flatten()
+
+    return distance
+
+
 def main(argv: list[str] | None = None) -> DiffusionPipeline | None:
     r"""Trains an ACT (or, with `--adversarial_weight 0`, a plain CT) student; returns its one-step pipeline."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -119,6 +146,9 @@ def main(argv: list[str] | None = None) -> DiffusionPipeline | None:
         )
     if not adversarial and any(a.split("=")[0].startswith(("--discriminator", "--r1", "--mid_weight")) for a in argv):
         raise TrainingArgumentError("discriminator / R1 / `--mid_weight` flags need `--adversarial_weight` > 0.")
+    if act.distance == "lpips" and importlib.util.find_spec("lpips") is None:
+        raise TrainingArgumentError("`--distance lpips` needs `pip install lpips` (and its VGG weights); or use the "
+                                    "default `--distance pseudo_huber`.")  # fmt: skip
     args.use_ema = True  # the EMA is ACT's consistency target (and the saved student)
     build = _discriminator(act, args) if adversarial else None
     data = ImageCaptionDataset.from_args(args)  # columns checked before any model is loaded
@@ -135,6 +165,8 @@ def main(argv: list[str] | None = None) -> DiffusionPipeline | None:
         critic_learning_rate=act.discriminator_learning_rate, critic_betas=(args.adam_beta1, args.adam_beta2 * 16 / 17),
     )  # fmt: skip
     accelerator, teacher, n = run.accelerator, run.teacher, run.num_processes
+    if act.distance == "lpips":
+        loss_fn.distance = lpips_distance(teacher.vae)
     run.ema.update_after_step = -1  # mu(k) from the first update on (diffusers' EMAModel returns 0 on its first step)
     data.for_vae(teacher.vae.config.in_channels, run.latent_shape[1] * teacher.vae_scale_factor)
     prediction_type, acp = teacher.scheduler.config.prediction_type, run.alphas_cumprod

@@ -29,7 +29,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from diffusers_onestep.losses import ConsistencyTuningLoss, Denoiser
-from diffusers_onestep.losses.consistency import sigma_to_timestep
+from diffusers_onestep.models import sigma_to_timestep
 from diffusers_onestep.schedulers import ConsistencyStudentScheduler
 from diffusers_onestep.training_utils import (
     AdapterView,

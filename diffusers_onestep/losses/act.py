@@ -29,8 +29,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..models.denoiser import Denoiser, alpha_sigma
-from .consistency import consistency_function, sigma_to_timestep
+from ..models.denoiser import Denoiser, alpha_sigma, consistency_function, sigma_to_timestep
 
 
 __all__ = ["ACTLoss", "adversarial_weights", "ct_bins", "ct_ema_decay", "karras_sigmas", "pseudo_huber"]

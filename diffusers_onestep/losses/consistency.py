@@ -32,47 +32,15 @@ from __future__ import annotations
 
 import torch
 
-from ..models.denoiser import Denoiser, alpha_sigma
+from ..models.denoiser import Denoiser, alpha_sigma, consistency_function, sigma_to_timestep
 
 
-__all__ = ["ConsistencyTuningLoss", "consistency_function", "ect_r", "sigma_to_timestep"]
+__all__ = ["ConsistencyTuningLoss", "consistency_function", "ect_r", "sigma_to_timestep"]  # the last two: models.denoiser
 
 
 def ect_r(t: torch.Tensor, stage: int, q: float = 2.0, k: float = 8.0, b: float = 1.0) -> torch.Tensor:
     r"""ECT's sigmoid rule in EDM sigma: `r = clamp(t (1 - (1 + k sigmoid(-b t)) / q^(stage + 1)), 0)`."""
     return torch.clamp(t * (1 - (1 + k * torch.sigmoid(-b * t)) / q ** (stage + 1)), min=0)
-
-
-def sigma_to_timestep(alphas_cumprod: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    r"""Fractional timesteps `(batch,)` for EDM `sigmas`, by linear interpolation of log-sigma (clamped to `[0, T-1]`)."""
-    abar = alphas_cumprod.to(device=sigmas.device, dtype=torch.float32)
-    log_sigmas = (0.5 * ((1 - abar) / abar).log()).contiguous()
-    log_sigma = sigmas.float().reshape(-1).clamp(min=1e-20).log()
-    high = torch.searchsorted(log_sigmas, log_sigma).clamp(1, log_sigmas.shape[0] - 1)
-    frac = (log_sigma - log_sigmas[high - 1]) / (log_sigmas[high] - log_sigmas[high - 1])
-    return (high - 1 + frac).clamp(0, log_sigmas.shape[0] - 1)
-
-
-def consistency_function(
-    denoiser: Denoiser, sample: torch.Tensor, timesteps: torch.Tensor, cond, sigma_min: float,
-    parametrization: str = "ddim", sigma_data: float = 0.5,
-) -> torch.Tensor:  # fmt: skip
-    r"""
-    `f(x_t, t) = c_skip y + c_out x0_hat(x_t, t)`, `y = x_t / a_t`, at fractional `timesteps` `(batch,)` (module
-    docstring). `sample` is `x_t` `(batch, C, H, W)`; `cond` a conditioning dict or SD's `encoder_hidden_states`.
-    """
-    alpha, sigma_t = alpha_sigma(denoiser.alphas_cumprod.to(sample.device), timesteps, sample.ndim)
-    x0_hat = denoiser(sample, timesteps.float(), cond).x0  # fractional timesteps reach the network as they are
-    sigma = sigma_t / alpha
-    c_out = (sigma - sigma_min) / sigma  # both: exactly 0 at sigma_min (`sigma_min / sigma` is not exactly 1 in torch)
-    if parametrization == "ddim":
-        c_skip = 1 - c_out
-    elif parametrization == "ect":
-        sd2 = sigma_data**2
-        c_skip = sd2 / ((sigma - sigma_min) ** 2 + sd2) - c_out * sd2 / (sigma**2 + sd2)
-    else:
-        raise ValueError(f"`parametrization` must be 'ddim' or 'ect', got {parametrization!r}.")
-    return c_skip * (sample.float() / alpha) + c_out * x0_hat
 
 
 class ConsistencyTuningLoss:

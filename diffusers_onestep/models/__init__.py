@@ -18,6 +18,8 @@ from .denoiser import (
     DenoiserOutput,
     alpha_sigma,
     classifier_free_guidance,
+    consistency_function,
+    sigma_to_timestep,
     student_input,
     to_x0_eps,
 )
@@ -40,6 +42,8 @@ __all__ = [
     "DenoiserOutput",
     "alpha_sigma",
     "classifier_free_guidance",
+    "consistency_function",
+    "sigma_to_timestep",
     "student_input",
     "to_x0_eps",
     "LatentDiscriminator",

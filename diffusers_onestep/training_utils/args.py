@@ -147,15 +147,11 @@ PRESETS.update({
 # (*unverified*): batch 128 through 16 x 8 accumulation, 20k steps, bf16, the recipe's dropout on SD's residual blocks.
 # Gradients are clipped at norm 1 (the shared `--max_grad_norm`; neither ECT nor ACT clips: a deviation kept for
 # stability at bf16, unmeasured; both presets inherit it).
-_CT = {
+# what ECT's and ACT's presets share: RAdam without weight decay, a student sampling from pure noise at t 999, bf16,
+# 16 x 8 accumulation, 20k steps (SDXL: 4 x 32, `_SDXL_BATCH`)
+_REAL_DATA = {
     "optimizer": "radam",
-    "learning_rate": 1e-4,
-    "adam_beta1": 0.9,
-    "adam_beta2": 0.999,
     "adam_weight_decay": 0.0,
-    "dropout": 0.2,
-    "use_ema": True,
-    "ema_decay": 0.9999,
     "t_init": 999,
     "input_type": "noise",
     "mixed_precision": "bf16",
@@ -165,6 +161,16 @@ _CT = {
     "lr_scheduler": "constant",
     "checkpointing_steps": 1000,
     "validation_steps": 1000,
+}
+_SDXL_BATCH = {"train_batch_size": 4, "gradient_accumulation_steps": 32}
+_CT = {
+    **_REAL_DATA,
+    "learning_rate": 1e-4,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
+    "dropout": 0.2,
+    "use_ema": True,
+    "ema_decay": 0.9999,
 }
 _TEACHERS = {
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -174,7 +180,7 @@ _TEACHERS = {
 }
 PRESETS.update({
     f"{name}-{method}": {**_CT, "method": method, "pretrained_teacher_model_name_or_path": teacher,
-                         **({"train_batch_size": 4, "gradient_accumulation_steps": 32} if name == "sdxl" else {})}
+                         **(_SDXL_BATCH if name == "sdxl" else {})}
     for name, teacher in _TEACHERS.items() for method in ("ect", "sct")
 })  # fmt: skip
 
@@ -184,28 +190,17 @@ PRESETS.update({
 # the student, 64 for D per step) and 20k steps are *unverified* for latent text-to-image teachers (official: 320
 # per GPU for the student, 400k steps).
 _ACT = {
-    "optimizer": "radam",
+    **_REAL_DATA,
     "learning_rate": 5e-5,
     "adam_beta1": 0.0,
     "adam_beta2": 0.99,
-    "adam_weight_decay": 0.0,
     "adversarial_weight": 0.6,
     "mid_weight": 0.2,
     "bins_max": 200,
     "ema_decay_init": 0.95,
-    "t_init": 999,
-    "input_type": "noise",
-    "mixed_precision": "bf16",
-    "train_batch_size": 16,
-    "gradient_accumulation_steps": 8,
-    "max_train_steps": 20_000,
-    "lr_scheduler": "constant",
-    "checkpointing_steps": 1000,
-    "validation_steps": 1000,
 }
 PRESETS.update({
-    f"{name}-act": {**_ACT, "pretrained_teacher_model_name_or_path": teacher,
-                    **({"train_batch_size": 4, "gradient_accumulation_steps": 32} if name == "sdxl" else {})}
+    f"{name}-act": {**_ACT, "pretrained_teacher_model_name_or_path": teacher, **(_SDXL_BATCH if name == "sdxl" else {})}
     for name, teacher in _TEACHERS.items()
 })  # fmt: skip
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 
 
-__all__ = ["PROMPT_COLUMNS", "load_prompts", "load_training_prompts", "prompt_batches"]
+__all__ = ["PROMPT_COLUMNS", "load_prompts", "load_table", "load_training_prompts", "prompt_batches"]
 
 PROMPT_COLUMNS = ("prompt", "text", "caption")
 _TABLE_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -46,32 +46,41 @@ def load_prompts(
     Returns:
         `list[str]`: the non-empty prompts, in file order.
     """
-    ext = os.path.splitext(source)[1].lower()
-    if os.path.isfile(source) and ext == ".txt":
+    if os.path.isfile(source) and os.path.splitext(source)[1].lower() == ".txt":
         with open(source, encoding="utf-8") as f:
             prompts = [line.strip() for line in f]
     else:
-        import datasets
-
-        if os.path.isfile(source) and ext in _TABLE_FORMATS:
-            dataset = datasets.load_dataset(_TABLE_FORMATS[ext], data_files=source, split="train")
-        elif os.path.isfile(source):
-            raise ValueError(f"`{argument}` {source!r}: use .txt, {sorted(_TABLE_FORMATS)} or a dataset.")
-        elif os.path.isfile(os.path.join(source, "dataset_info.json")) or os.path.isfile(
-            os.path.join(source, "dataset_dict.json")
-        ):
-            dataset = datasets.load_from_disk(source)
-        else:
-            dataset = datasets.load_dataset(source)
-        if isinstance(dataset, datasets.DatasetDict):
-            if split not in dataset:
-                raise ValueError(f"{source!r} has splits {list(dataset)}, not {split!r}.")
-            dataset = dataset[split]
-        prompts = [p.strip() for p in _column(dataset, column, source)]
+        prompts = [p.strip() for p in _column(load_table(source, split, argument), column, source)]
     prompts = [p for p in prompts if p]
     if not prompts:
         raise ValueError(f"`{argument}` {source!r} holds no prompts.")
     return prompts
+
+
+def load_table(source: str, split: str = "train", argument: str = "--dataset_name"):
+    r"""
+    One split of a `datasets` table: a CSV / JSON / JSON-lines / Parquet file, a `save_to_disk` directory, or any
+    path or Hub id `datasets.load_dataset` accepts. Raises `ValueError` naming `argument` for an unknown file type or
+    a missing split.
+    """
+    import datasets
+
+    ext = os.path.splitext(source)[1].lower()
+    if os.path.isfile(source) and ext in _TABLE_FORMATS:
+        dataset = datasets.load_dataset(_TABLE_FORMATS[ext], data_files=source, split="train")
+    elif os.path.isfile(source):
+        raise ValueError(f"`{argument}` {source!r}: use .txt, {sorted(_TABLE_FORMATS)} or a dataset.")
+    elif os.path.isfile(os.path.join(source, "dataset_info.json")) or os.path.isfile(
+        os.path.join(source, "dataset_dict.json")
+    ):
+        dataset = datasets.load_from_disk(source)
+    else:
+        dataset = datasets.load_dataset(source)
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise ValueError(f"`{argument}` {source!r} has splits {list(dataset)}, not {split!r}.")
+        dataset = dataset[split]
+    return dataset
 
 
 def _imagefolder_captions(data_dir: str, column: str | None) -> list[str]:

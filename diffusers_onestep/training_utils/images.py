@@ -11,12 +11,10 @@ sees the same latents as an uninterrupted one.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 
-from .data import PROMPT_COLUMNS
+from .data import PROMPT_COLUMNS, load_table
 from .errors import TrainingArgumentError
 
 
@@ -87,17 +85,8 @@ class ImageCaptionDataset:
             source = f"`--train_data_dir` {args.train_data_dir!r}"
             dataset = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, split="train")
         elif args.dataset_name:
-            source, path = f"`--dataset_name` {args.dataset_name!r}", args.dataset_name
-            if os.path.isfile(os.path.join(path, "dataset_info.json")) or os.path.isfile(
-                os.path.join(path, "dataset_dict.json")
-            ):
-                dataset = datasets.load_from_disk(path)
-            else:
-                dataset = datasets.load_dataset(path)
-            if isinstance(dataset, datasets.DatasetDict):
-                if "train" not in dataset:
-                    raise TrainingArgumentError(f"{source} has splits {list(dataset)}, no 'train'.")
-                dataset = dataset["train"]
+            source = f"`--dataset_name` {args.dataset_name!r}"
+            dataset = load_table(args.dataset_name)
         else:
             raise TrainingArgumentError(
                 "this script trains on images: pass `--train_data_dir` (an imagefolder with metadata.jsonl) or "
@@ -141,6 +130,8 @@ class ImageCaptionDataset:
 
     def references(self, indices, size: int, generator: torch.Generator) -> torch.Tensor:
         r"""`(len(indices), size)` rows drawn uniformly, with replacement, from each index's caption group."""
+        if size == 0:  # nothing to draw (a zero-size draw leaves the generator as it is)
+            return torch.empty(len(indices), 0, dtype=torch.long)
         rows = []
         for index in indices:
             group = self.groups[self.captions[int(index)]]

@@ -197,3 +197,16 @@ def test_list_captions_are_refused_with_the_column_named():
     table = datasets.Dataset.from_dict({"image": [Image.new("RGB", (4, 4))], "text": [["a cat", "a kitten"]]})
     with pytest.raises(TrainingArgumentError, match="`--caption_column` 'text'.*lists of captions"):
         ImageCaptionDataset(table, resolution=4)
+
+
+def test_cpu_time_budget_stops_early_with_a_checkpoint_and_the_final_save(script, tiny_teacher_dir, prompts_file,
+                                                                         tmp_path):  # fmt: skip
+    out = tmp_path / "budget"
+    script.main(_argv(tiny_teacher_dir, prompts_file, out, "--method=ect", "--max_train_steps=50",
+                      "--checkpointing_steps=50", "--max_train_minutes=1e-6", "--train_clock=cpu"))  # fmt: skip
+    # the budget is spent after the first step: checkpoint-1 (off the cadence) and the usual final save
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-1"]
+    manifest = json.loads((out / "checkpoint-1" / "checkpoint.json").read_text())
+    assert manifest["train_clock"] == "cpu" and manifest["train_minutes"] > 0
+    assert OneStepPipeline.from_pretrained(out).scheduler.config.t_init == 999
+    assert "| max_train_steps | 1 |" in (out / "README.md").read_text()  # the steps trained, not the 50 asked

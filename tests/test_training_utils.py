@@ -15,7 +15,9 @@ from diffusers_onestep.training_utils import (
     AdapterView,
     NonFiniteError,
     TrainingArguments,
+    TrainingTimer,
     build_distillation_unets,
+    checkpoint_problem,
     format_command,
     list_checkpoints,
     load_prompts,
@@ -24,6 +26,7 @@ from diffusers_onestep.training_utils import (
     register_checkpoint_hooks,
     resume_from_checkpoint,
     save_checkpoint,
+    training_loop,
     validate_training_args,
 )
 
@@ -45,10 +48,13 @@ def test_validate_training_args_names_the_argument(tmp_path):
         ("--train_batch_size=0", "--train_batch_size"),
         ("--t_init=1000", "--t_init"),
         ("--report_to=wandb", "--report_to wandb"),  # not installed here
+        ("--max_train_minutes=0", "--max_train_minutes"),
     ]:
         with pytest.raises(ValueError, match=match):
             (args,) = parse_args((TrainingArguments,), [*base, flag])
             validate_training_args(args)
+    with pytest.raises(SystemExit):  # argparse's choices: it names the flag and the allowed clocks
+        parse_args((TrainingArguments,), [*base, "--train_clock=gpu"])
 
 
 def test_load_prompts_from_text_csv_json_and_dataset(tmp_path):
@@ -345,3 +351,50 @@ def test_model_card_names_the_backbone_pipeline_and_network(tmp_path):
         assert f"{pipeline_class}.from_teacher(" in text and f"from diffusers_onestep import {pipeline_class}" in text
         assert f"base model's\n{network};" in text and f"runs its {network} once" in text
         assert "OneStepPipeline." not in text
+
+
+class _StepTimer(TrainingTimer):
+    """A timer whose minutes are 0.1 per finished optimizer step (a deterministic clock for the budget)."""
+
+    def minutes(self):
+        return 0.1 * (self.last_step or 0)
+
+
+def _loop_args(**overrides):
+    from types import SimpleNamespace
+
+    values = dict(max_train_steps=12, gradient_accumulation_steps=1, seed=0, checkpointing_steps=7,
+                  validation_steps=1000, max_train_minutes=None, train_clock="wall")  # fmt: skip
+    return SimpleNamespace(**{**values, **overrides})
+
+
+def test_time_budget_stops_the_loop_with_a_last_checkpoint():
+    accelerator = Accelerator(cpu=True)
+    saved, timer = [], _StepTimer()
+    steps = [s.global_step for s in training_loop(accelerator, _loop_args(max_train_minutes=0.95), 0, saved.append,
+                                                  None, timer)]  # fmt: skip
+    # 0.1 minute per step: the budget is spent after step 10, which is checkpointed (7 was on the cadence)
+    assert steps == list(range(10)) and saved == [7, 10] and timer.last_step == 10
+    saved, timer = [], _StepTimer()
+    steps = [s.global_step for s in training_loop(accelerator, _loop_args(), 0, saved.append, None, timer)]
+    assert steps == list(range(12)) and saved == [7] and timer.last_step == 12  # no budget: max_train_steps
+    saved = []
+    list(training_loop(accelerator, _loop_args(max_train_minutes=0.7, checkpointing_steps=7), 0, saved.append, None,
+                       _StepTimer()))  # fmt: skip
+    assert saved == [7]  # stopped on a checkpoint step: not saved twice
+
+
+def test_training_timer_clocks_and_checkpoint_manifest_info(tmp_path):
+    with pytest.raises(ValueError, match="'wall' or 'cpu'"):
+        TrainingTimer("gpu")
+    cpu = TrainingTimer("cpu")
+    sum(i * i for i in range(200_000))  # some CPU work
+    assert cpu.minutes() > 0 and TrainingTimer("wall").minutes() >= 0
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(torch.nn.Linear(3, 2))
+    register_checkpoint_hooks(accelerator)
+    path = save_checkpoint(accelerator, str(tmp_path), 3, params=list(model.parameters()),
+                           info={"train_minutes": 1.5, "train_clock": "cpu"})  # fmt: skip
+    manifest = json.loads((tmp_path / "checkpoint-3" / "checkpoint.json").read_text())
+    assert (manifest["step"], manifest["train_minutes"], manifest["train_clock"]) == (3, 1.5, "cpu")
+    assert checkpoint_problem(path) is None  # the extra keys do not disturb the completeness check

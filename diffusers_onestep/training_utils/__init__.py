@@ -29,6 +29,7 @@ from .images import ImageCaptionDataset, encode_images
 from .loop import (
     LoopStep,
     NaNGuard,
+    TrainingTimer,
     all_finite,
     backward_if_finite,
     check_weights,
@@ -129,6 +130,7 @@ __all__ = [
     "teacher_class_name",
     "teacher_latent_shape",
     "training_backbone",
+    "TrainingTimer",
     "training_loop",
     "upload_command",
     "validate_training_args",

@@ -306,6 +306,15 @@ class TrainingArguments:
         None, "Passes over the prompts (global batch x accumulation per step); used when --max_train_steps is unset.",
         low=1,
     )  # fmt: skip
+    max_train_minutes: float | None = arg(
+        None, "Stop once this many minutes of training (--train_clock) are spent, with a last checkpoint and the usual "
+        "final save, even before --max_train_steps (which still sets the schedules). Counts from this launch's loop.",
+        low=0, low_open=True,
+    )  # fmt: skip
+    train_clock: Literal["wall", "cpu"] = arg(
+        "wall", "The clock of --max_train_minutes and of the minutes in each checkpoint.json: wall time, or this "
+        "process's CPU time summed over its threads (core-minutes: a fair budget on a shared CPU; no GPU time).",
+    )  # fmt: skip
     gradient_accumulation_steps: int = arg(1, "Micro-steps per optimizer step.", low=1)
     gradient_checkpointing: bool = arg(False, "Trade compute for memory in the UNets.")
     learning_rate: float | None = arg(

@@ -29,6 +29,7 @@ from .hub import format_command, push_to_hub, save_model_card, save_student
 from .loop import (
     LoopStep,
     NaNGuard,
+    TrainingTimer,
     backward_if_finite,
     check_weights,
     optimizer_step,
@@ -222,12 +223,16 @@ class Distillation:
         return [path]
 
     def checkpoint(self, step: int) -> None:
-        save_checkpoint(self.accelerator, self.args.output_dir, step, self.args.checkpoints_total_limit, self.trainable)
+        r"""A resumable checkpoint at `step`; its manifest records the training minutes on `--train_clock`."""
+        info = {"train_minutes": self.timer.minutes(), "train_clock": self.timer.clock}
+        save_checkpoint(self.accelerator, self.args.output_dir, step, self.args.checkpoints_total_limit, self.trainable,
+                        info=info)  # fmt: skip
 
     def steps(self) -> Iterator[LoopStep]:
-        r"""`training_loop` from the resumed step, with this run's checkpointing and validation."""
+        r"""`training_loop` from the resumed step, with this run's checkpointing, validation and time budget."""
         validate = self.validate if self.args.validation_prompts else None
-        return training_loop(self.accelerator, self.args, self.first_step, self.checkpoint, validate)
+        self.timer = TrainingTimer(self.args.train_clock)
+        return training_loop(self.accelerator, self.args, self.first_step, self.checkpoint, validate, self.timer)
 
     def global_noise(self, generator: torch.Generator) -> torch.Tensor:
         r"""Latent-shaped noise of the global batch from the step's generator, as this rank's slice on the device."""
@@ -320,9 +325,11 @@ class Distillation:
                 adapter_name=unets.student_adapter, teacher_name_or_path=args.pretrained_teacher_model_name_or_path,
                 revision=args.revision, variant=args.variant,
             )  # fmt: skip
-            images = self.validate(args.max_train_steps) if args.validation_prompts else []
+            steps = self.timer.last_step if getattr(self, "timer", None) is not None else args.max_train_steps
+            images = self.validate(steps) if args.validation_prompts else []
             repo_id = args.hub_model_id or args.output_dir.rstrip("/").split("/")[-1]
-            shared = {k: getattr(args, k) for k in ("train_batch_size", "learning_rate", "max_train_steps")}
+            shared = {k: getattr(args, k) for k in ("train_batch_size", "learning_rate")}
+            shared["max_train_steps"] = steps  # the steps trained (fewer when --max_train_minutes stopped the run)
             save_model_card(
                 args.output_dir, base_model=args.hub_base_model or args.pretrained_teacher_model_name_or_path,
                 method_name=method_name, paper=paper, script=script, command=format_command(argv, script),

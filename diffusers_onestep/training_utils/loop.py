@@ -6,7 +6,8 @@ so a resumed run and a multi-process run reproduce a single uninterrupted proces
 Checkpoints are atomic end to end: each is written to a hidden `.checkpoint-N.partial` directory, completed by a
 `checkpoint.json` manifest (every file and its size), and renamed into place; an old checkpoint is renamed to a hidden
 `.checkpoint-N.trash` before it is deleted, so a kill at any moment never leaves a visible incomplete `checkpoint-N`.
-`--resume_from_checkpoint latest` skips a latest checkpoint that does not match its manifest or fails to load, with a
+`--max_train_minutes` stops a run early by a clock (`TrainingTimer`: wall, or the process's CPU time), after a final
+checkpoint; every manifest records the timer's minutes at its step. `--resume_from_checkpoint latest` skips a latest checkpoint that does not match its manifest or fails to load, with a
 warning, and resumes from the previous good one. Weights that are not finite, or beyond float16's range (see
 `check_weights`), are never written.
 """
@@ -18,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -48,6 +50,7 @@ __all__ = [
     "save_checkpoint",
     "step_generator",
     "training_loop",
+    "TrainingTimer",
 ]
 
 logger = get_logger(__name__)
@@ -217,30 +220,71 @@ class LoopStep:
     logs: dict = field(default_factory=dict)
 
 
+class TrainingTimer:
+    r"""
+    Minutes of training since `start()`, by one clock: `"wall"` (`time.monotonic`) or `"cpu"` (`time.process_time`:
+    this process's CPU time summed over its threads, i.e. core-minutes, the fair budget on a shared CPU; it does not
+    count GPU work). Also remembers the last finished optimizer step (`last_step`).
+    """
+
+    def __init__(self, clock: str = "wall"):
+        if clock not in ("wall", "cpu"):
+            raise ValueError(f"`clock` must be 'wall' or 'cpu', got {clock!r}.")
+        self.clock = clock
+        self._read = time.monotonic if clock == "wall" else time.process_time
+        self._start = self._read()
+        self.last_step: int | None = None
+
+    def start(self) -> None:
+        self._start = self._read()
+
+    def minutes(self) -> float:
+        return (self._read() - self._start) / 60
+
+
+def _over_budget(accelerator: Accelerator, timer: TrainingTimer, budget: float | None) -> bool:
+    r"""Whether `budget` minutes are spent on any rank (shared, so that every rank stops at the same step)."""
+    if budget is None:
+        return False
+    over = torch.tensor([float(timer.minutes() >= budget)], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        over = accelerator.reduce(over, reduction="sum")
+    return bool(over.item() > 0)
+
+
 def training_loop(
     accelerator: Accelerator,
     args,
     first_step: int = 0,
     checkpoint_fn: Callable[[int], None] | None = None,
     validation_fn: Callable[[int], None] | None = None,
+    timer: TrainingTimer | None = None,
 ) -> Iterator[LoopStep]:
     r"""
-    Yields micro-steps until `args.max_train_steps` optimizer steps are done. After each optimizer step it updates
-    the progress bar, logs `step.logs` to the trackers, and calls `checkpoint_fn(step)` every
-    `args.checkpointing_steps` and `validation_fn(step)` every `args.validation_steps` (main process only).
+    Yields micro-steps until `args.max_train_steps` optimizer steps are done, or until `args.max_train_minutes` (when
+    set) are spent on `timer`'s clock. After each optimizer step it updates the progress bar, logs `step.logs` to the
+    trackers, and calls `checkpoint_fn(step)` every `args.checkpointing_steps` and `validation_fn(step)` every
+    `args.validation_steps` (main process only). A run stopped by the budget is checkpointed at its last step.
 
     Args:
         accelerator (`Accelerator`): the run's accelerator (its `sync_gradients` marks optimizer steps).
-        args: `TrainingArguments` (`max_train_steps`, `gradient_accumulation_steps`, `seed`, cadences).
+        args: `TrainingArguments` (`max_train_steps`, `gradient_accumulation_steps`, `seed`, cadences, and the
+            optional `max_train_minutes` / `train_clock`).
         first_step (`int`): optimizer steps already done (from `resume_from_checkpoint`).
+        timer (`TrainingTimer`, *optional*): started here; its `last_step` is kept up to date. Defaults to a new
+            timer on `args.train_clock`. A resumed run's budget counts from the resume.
 
     Returns:
         An iterator of `LoopStep`.
     """
+    timer = timer if timer is not None else TrainingTimer(getattr(args, "train_clock", "wall"))
+    timer.start()
+    budget = getattr(args, "max_train_minutes", None)
     progress = tqdm(
         range(args.max_train_steps), initial=first_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
     global_step, micro_step = first_step, first_step * args.gradient_accumulation_steps
+    timer.last_step = global_step
     while global_step < args.max_train_steps:
         step = LoopStep(global_step, micro_step, step_generator(args.seed, micro_step))
         yield step
@@ -248,6 +292,7 @@ def training_loop(
         if not accelerator.sync_gradients:
             continue
         global_step += 1
+        timer.last_step = global_step
         logs = {name: float(value) for name, value in step.logs.items()}
         progress.update(1)
         progress.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items()})
@@ -256,6 +301,11 @@ def training_loop(
             checkpoint_fn(global_step)
         if validation_fn is not None and accelerator.is_main_process and global_step % args.validation_steps == 0:
             validation_fn(global_step)
+        if global_step < args.max_train_steps and _over_budget(accelerator, timer, budget):
+            logger.info(f"--max_train_minutes {budget:g} spent ({timer.clock} clock) at step {global_step}: stopping")
+            if checkpoint_fn is not None and global_step % args.checkpointing_steps != 0:
+                checkpoint_fn(global_step)
+            break
     progress.close()
 
 
@@ -276,14 +326,14 @@ def _fsync_tree(path: str) -> None:
                 os.fsync(f.fileno())
 
 
-def _write_manifest(path: str, step: int) -> None:
+def _write_manifest(path: str, step: int, info: dict | None = None) -> None:
     files = {}
     for root, _, names in os.walk(path):
         for name in names:
             full = os.path.join(root, name)
             files[os.path.relpath(full, path)] = os.path.getsize(full)
     with open(os.path.join(path, CHECKPOINT_MANIFEST), "w", encoding="utf-8") as f:
-        json.dump({"step": step, "files": files}, f, indent=1, sort_keys=True)
+        json.dump({"step": step, **(info or {}), "files": files}, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
 
@@ -326,6 +376,7 @@ def save_checkpoint(
     step: int,
     total_limit: int | None = None,
     params: Sequence[torch.Tensor] = (),
+    info: dict | None = None,
 ) -> str:
     r"""
     Saves a resumable checkpoint atomically to `output_dir/checkpoint-{step}` (call on every rank).
@@ -333,7 +384,8 @@ def save_checkpoint(
     The state is written to `.checkpoint-{step}.partial`, completed by a `checkpoint.json` manifest, and renamed into
     place; older checkpoints beyond `total_limit` are deleted only afterwards, each renamed to a hidden
     `.checkpoint-N.trash` first. Raises `NonFiniteError` before writing anything when one of `params` (the trainable
-    weights) is not finite or beyond float16's range (`check_weights`).
+    weights) is not finite or beyond float16's range (`check_weights`). `info` (JSON values) is written into the
+    manifest beside the step, e.g. the training minutes at this step.
     """
     if params:
         check_weights(accelerator, params, f"checkpoint-{step}")
@@ -346,7 +398,7 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _fsync_tree(partial)
-        _write_manifest(partial, step)
+        _write_manifest(partial, step, info)
         if os.path.exists(final):  # re-saving a step (after a resume): swap, never leave a gap
             stale = os.path.join(output_dir, f".checkpoint-{step}.old")
             shutil.rmtree(stale, ignore_errors=True)

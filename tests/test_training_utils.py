@@ -363,8 +363,8 @@ class _StepTimer(TrainingTimer):
 def _loop_args(**overrides):
     from types import SimpleNamespace
 
-    values = dict(max_train_steps=12, gradient_accumulation_steps=1, seed=0, checkpointing_steps=7,
-                  validation_steps=1000, max_train_minutes=None, train_clock="wall")  # fmt: skip
+    values = {"max_train_steps": 12, "gradient_accumulation_steps": 1, "seed": 0, "checkpointing_steps": 7,
+              "validation_steps": 1000, "max_train_minutes": None, "train_clock": "wall"}  # fmt: skip
     return SimpleNamespace(**{**values, **overrides})
 
 

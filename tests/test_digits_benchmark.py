@@ -198,3 +198,28 @@ def test_benchmark_end_to_end(students, tiny_teacher_dir, judge_dir, oracle_dir,
     assert {"pgsb_1step.png", "teacher_dpm++2_cfg2.png", "pgsb_nasa0.5.png", "adaptive_pgsb_k10.png"} <= set(grids)
     if saved["table4"]["plot"] is not None:
         assert os.path.isfile(out / "distillation_curves.png")
+
+
+def test_export_checkpoints_packs_one_training_checkpoint(students, tiny_teacher_dir, judge_dir, oracle_dir, tmp_path):
+    import export_checkpoints
+    from safetensors.torch import load_file
+
+    from diffusers_onestep import OneStepPipeline
+
+    out = tmp_path / "checkpoints"
+    checkpoint = os.path.join(students["full"], "checkpoint-1")
+    sizes = export_checkpoints.main(["--teacher_dir", tiny_teacher_dir, "--student_dir", students["full"],
+                                     "--student_checkpoint", checkpoint, "--student_weights", "raw", "--judge_dir",
+                                     judge_dir, "--oracle_dir", oracle_dir, "--output_dir", str(out)])  # fmt: skip
+    assert set(sizes) == {"teacher", "pgsb", "judge", "oracle"}
+    unet = OneStepPipeline.from_pretrained(out / "pgsb").unet
+    raw = load_file(os.path.join(checkpoint, "trainable_0.safetensors"))
+    for name, param in unet.named_parameters():  # the checkpoint's raw weights, stored in float16
+        torch.testing.assert_close(param.float(), raw[name].half().float())
+    final = OneStepPipeline.from_pretrained(students["full"]).unet  # the EMA of the final save differs
+    assert any(not torch.equal(p.half(), q.half()) for p, q in zip(unet.parameters(), final.parameters()))
+    with pytest.raises(SystemExit):
+        export_checkpoints.main(["--teacher_dir", tiny_teacher_dir, "--student_dir", students["full"],
+                                 "--student_checkpoint", str(tmp_path), "--judge_dir", judge_dir,
+                                 "--oracle_dir", oracle_dir, "--output_dir", str(out)])  # fmt: skip
+    assert (out / "pgsb").is_dir()  # refused before the old export was removed

@@ -4,6 +4,9 @@
         --student_dir /work/digits_artifacts/students/pgsb --judge_dir /work/digits_artifacts/judge \
         --oracle_dir /work/digits_artifacts/oracle --nasa_scale 0.25
 
+`--student_checkpoint DIR/checkpoint-N --student_weights ema|raw` exports the weights of one training checkpoint of
+the run in `--student_dir` instead of its final save (the leaderboard's best checkpoint, `leaderboard.py`).
+
 The two UNets (teacher and student, 3.2M parameters each) are stored in float16 (12.6 MB -> 6.3 MB each); everything
 else stays float32. The demo loads them with `dtype=torch.float32`. Every file is safetensors or JSON.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 
 import torch
 from diffusers import StableDiffusionPipeline
@@ -33,7 +37,9 @@ def _folder_bytes(path: str) -> int:
 def main(argv: list[str] | None = None) -> dict[str, int]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher_dir", required=True)
-    parser.add_argument("--student_dir", required=True, help="a OneStepPipeline directory (train_pg_swiftbrush.py)")
+    parser.add_argument("--student_dir", required=True, help="a OneStepPipeline directory (any training script's)")
+    parser.add_argument("--student_checkpoint", default=None, help="a checkpoint-N of that run: export its weights")
+    parser.add_argument("--student_weights", choices=["ema", "raw"], default="ema", help="of --student_checkpoint")
     parser.add_argument("--judge_dir", required=True)
     parser.add_argument("--oracle_dir", required=True)
     parser.add_argument("--output_dir", default=CHECKPOINTS)
@@ -42,6 +48,8 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
         help="the student's default NASA scale (benchmark table 2: the smallest scale removing >= 95%% of negated digits)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.student_checkpoint and not os.path.isfile(os.path.join(args.student_checkpoint, "trainable_0.safetensors")):
+        parser.error(f"--student_checkpoint {args.student_checkpoint} is not a training checkpoint (no trainable_0)")
 
     if os.path.isdir(args.output_dir):
         shutil.rmtree(args.output_dir)
@@ -50,6 +58,13 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     teacher.unet.to(torch.float16)
     teacher.save_pretrained(os.path.join(args.output_dir, "teacher"), safe_serialization=True)
     student = OneStepPipeline.from_pretrained(args.student_dir)
+    if args.student_checkpoint:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from benchmark import load_checkpoint_weights
+
+        loaded = load_checkpoint_weights(student.unet, args.student_checkpoint, args.student_weights == "ema")
+        if loaded != args.student_weights:
+            raise SystemExit(f"{args.student_checkpoint} holds no EMA weights: pass --student_weights raw")
     student.unet.to(torch.float16)
     student.register_to_config(nasa_scale=args.nasa_scale)
     student.save_pretrained(os.path.join(args.output_dir, "pgsb"), safe_serialization=True)

@@ -19,7 +19,7 @@ raw and the EMA weights are scored, so "EMA or not" is swept for free), the comm
    bias the reported figure; writes `leaderboard.json`, `leaderboard.md` (the tables of README.md) and
    `budget.png` (best FID so far against CPU minutes, every method).
 
-Every stage is resumable: finished runs (`run.json`) and scores (`scores.json`) are kept and skipped.
+On a GPU, `--train_clock wall --jobs 1` makes the budget GPU wall minutes. Every stage is resumable: finished runs (`run.json`) and scores (`scores.json`) are kept and skipped.
 """
 
 from __future__ import annotations
@@ -95,7 +95,8 @@ def training_command(name: str, variant: str, args, output_dir: str, minutes: fl
         args.teacher_dir, *data, "--output_dir", output_dir, *method.flags, "--learning_rate", f"{lr:g}",
         "--train_batch_size", str(batch), "--use_ema",
         "--max_train_steps", str(max_steps), "--checkpointing_steps", str(checkpointing_steps),
-        "--max_train_minutes", f"{minutes:g}", "--train_clock", "cpu", "--report_to", "none", "--seed", str(args.seed),
+        "--max_train_minutes", f"{minutes:g}", "--train_clock", getattr(args, "train_clock", "cpu"), "--report_to",
+        "none", "--seed", str(args.seed),
     ]  # fmt: skip
     if method.ema_decay is not None:
         command += ["--ema_decay", f"{method.ema_decay:g}"]
@@ -321,12 +322,16 @@ def rescore(args, runs: dict) -> dict:
     return rows
 
 
+def _clock(args) -> str:
+    return "CPU" if getattr(args, "train_clock", "cpu") == "cpu" else "wall"
+
+
 def tables(args, runs: dict, rows: dict) -> str:
     teacher = rows["teacher, DPM-Solver++ 25, CFG 1.25"]["fid"]
     lines = [f"Leaderboard (N = {10 * args.final_n_per_prompt}, seed {args.seed + 1}; each method's best checkpoint by "
-             f"1-step FID at N = {10 * args.n_per_prompt}, seed {args.seed}; budget {args.budget_minutes:g} CPU "
+             f"1-step FID at N = {10 * args.n_per_prompt}, seed {args.seed}; budget {args.budget_minutes:g} {_clock(args)} "
              "minutes per run):", "",
-             "| model | run (variant, weights, iteration, CPU min) | NFE | digits-FID | vs teacher | FID@297 | accuracy "
+             f"| model | run (variant, weights, iteration, {_clock(args)} min) | NFE | digits-FID | vs teacher | FID@297 | accuracy "
              "| precision | recall | speed |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for label, r in sorted(rows.items(), key=lambda item: item[1]["fid"]):
         run = (f"{r['variant']}, {r['weights']}, {r['step']}, {r['minutes']:.1f}" if "variant" in r else "")
@@ -334,7 +339,7 @@ def tables(args, runs: dict, rows: dict) -> str:
                      f"{r.get('fid_matched', float('nan')):.2f} | {100 * r['accuracy']:.1f}% | {r['precision']:.3f} | {r['recall']:.3f} "
                      f"| {r['speed']:.0f}x |")  # fmt: skip
     lines += ["", f"Every run (1-step digits-FID at N = {10 * args.n_per_prompt}; best checkpoint and the last one):", "",
-              "| method | variant | lr | batch | CPU s/it | iterations | best EMA (CPU min) | best raw (CPU min) "
+              f"| method | variant | lr | batch | {_clock(args)} s/it | iterations | best EMA (min) | best raw (min) "
               "| last EMA | last raw | best 2-step |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for info in runs.values():
         def pick(weights, steps=1, best=True):
@@ -373,7 +378,7 @@ def plot_budget(args, runs: dict, reference: float, path: str) -> str | None:
         axis.step(xs, ys, where="post", marker=".", label=name)
     axis.axhline(reference, color="grey", linestyle="--", label="teacher, 25 steps, CFG 1.25")
     axis.axhline(1.2 * reference, color="grey", linestyle=":", label="target: 1.2x the teacher")
-    axis.set(xlabel="CPU minutes of training (one core)", ylabel=f"best 1-step digits-FID so far (N = {10 * args.n_per_prompt})",
+    axis.set(xlabel=f"{_clock(args)} minutes of training" + (" (one core)" if _clock(args) == "CPU" else ""), ylabel=f"best 1-step digits-FID so far (N = {10 * args.n_per_prompt})",
              yscale="log", title="digits: best FID against budget, every method")  # fmt: skip
     axis.legend(fontsize=8, ncol=2)
     figure.savefig(path, dpi=120)
@@ -389,7 +394,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output_dir", required=False)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--budget_minutes", type=float, default=6.0, help="CPU minutes of training per run")
+    parser.add_argument("--budget_minutes", type=float, default=6.0, help="minutes of training per run (--train_clock)")
+    parser.add_argument("--train_clock", choices=["cpu", "wall"], default="cpu",
+                        help="cpu: the process's CPU time (core-minutes, for CPU runs); wall: for a GPU (--jobs 1)")  # fmt: skip
     parser.add_argument("--calibration_minutes", type=float, default=0.4)
     parser.add_argument("--checkpoints", type=int, default=6, help="about this many checkpoints per run")
     parser.add_argument("--jobs", type=int, default=2, help="processes side by side (one thread each)")

@@ -339,8 +339,8 @@ def tables(args, runs: dict, rows: dict) -> str:
                      f"{r.get('fid_matched', float('nan')):.2f} | {100 * r['accuracy']:.1f}% | {r['precision']:.3f} | {r['recall']:.3f} "
                      f"| {r['speed']:.0f}x |")  # fmt: skip
     lines += ["", f"Every run (1-step digits-FID at N = {10 * args.n_per_prompt}; best checkpoint and the last one):", "",
-              f"| method | variant | lr | batch | {_clock(args)} s/it | iterations | best EMA (min) | best raw (min) "
-              "| last EMA | last raw | best 2-step |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+              f"| method | variant | lr | batch | {_clock(args)} s/it | iterations | minutes | best EMA (min) | best raw (min) "
+              "| last EMA | last raw | best 2-step |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for info in runs.values():
         def pick(weights, steps=1, best=True):
             points = [p for p in info["points"] if p["weights"] == weights and p["steps"] == steps and p["step"] > 0]
@@ -350,9 +350,10 @@ def tables(args, runs: dict, rows: dict) -> str:
             return f"{p['fid']:.2f}" + (f" ({p['minutes']:.1f})" if best else "")
 
         last = max(p["step"] for p in info["points"])
+        used = max(p["minutes"] for p in info["points"])  # at the last checkpoint: the budget spent
         two = min((p["fid"] for p in info["points"] if p["steps"] == 2 and p["step"] > 0), default=None)
         lines.append(f"| {info['method']} | {info['variant']} | {info['learning_rate']:g} | {info['batch_size']} | "
-                     f"{info['cpu_seconds_per_iteration']:.2f} | {last} | {pick('ema')} | {pick('raw')} | "
+                     f"{info['cpu_seconds_per_iteration']:.2f} | {last} | {used:.1f} | {pick('ema')} | {pick('raw')} | "
                      f"{pick('ema', best=False)} | {pick('raw', best=False)} | {'-' if two is None else f'{two:.2f}'} |")  # fmt: skip
     return "\n".join(lines)
 
@@ -403,6 +404,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n_per_prompt", type=int, default=50, help="images per digit prompt for every checkpoint")
     parser.add_argument("--final_n_per_prompt", type=int, default=100, help="for the re-scored leaderboard rows")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--from_json", default=None, help="re-write the tables and plot of a leaderboard.json")
     parser.add_argument("--score_run", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--score_steps", type=int, nargs="+", default=[1], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -424,6 +426,11 @@ def main(argv: list[str] | None = None) -> dict:
             return {"points": score_run(args)}
     if not args.output_dir:
         parser.error("--output_dir is required")
+    if args.from_json:  # the tables and the plot again, from a finished run's leaderboard.json
+        with open(args.from_json) as file:
+            result = json.load(file)
+        args = argparse.Namespace(**{**result["args"], "output_dir": args.output_dir, "from_json": args.from_json})
+        return _report(args, result["calibration"], result["runs"], result["leaderboard"])
     if not os.path.isfile(os.path.join(args.data_dir, "train", "metadata.jsonl")):
         parser.error(f"--data_dir {args.data_dir} has no train/metadata.jsonl: run examples/digits/prepare_data.py")
     os.makedirs(args.output_dir, exist_ok=True)
@@ -435,6 +442,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"failed: {', '.join(jobs.failed)}")
     with torch.no_grad():
         rows = rescore(args, runs)
+    return _report(args, seconds, runs, rows)
+
+
+def _report(args, seconds: dict, runs: dict, rows: dict) -> dict:
     text = tables(args, runs, rows)
     print(text)
     plot = plot_budget(args, runs, rows["teacher, DPM-Solver++ 25, CFG 1.25"]["fid"],

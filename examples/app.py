@@ -27,7 +27,7 @@ import diffusers_onestep  # registers the library's pipelines with diffusers' lo
 
 __all__ = ["DEFAULT_PIPELINE", "METHODS", "Generation", "build_app", "generate", "load_pipeline", "main"]
 
-DEFAULT_PIPELINE = Path(__file__).resolve().parent / "digits" / "checkpoints" / "pgsb"
+DEFAULT_PIPELINE = Path(__file__).resolve().parent / "digits" / "checkpoints" / "student"
 METHODS = ("none", "NASA", "NAG")
 
 

@@ -210,9 +210,14 @@ def test_export_checkpoints_packs_one_training_checkpoint(students, tiny_teacher
     checkpoint = os.path.join(students["full"], "checkpoint-1")
     sizes = export_checkpoints.main(["--teacher_dir", tiny_teacher_dir, "--student_dir", students["full"],
                                      "--student_checkpoint", checkpoint, "--student_weights", "raw", "--judge_dir",
-                                     judge_dir, "--oracle_dir", oracle_dir, "--output_dir", str(out)])  # fmt: skip
-    assert set(sizes) == {"teacher", "pgsb", "judge", "oracle"}
-    unet = OneStepPipeline.from_pretrained(out / "pgsb").unet
+                                     judge_dir, "--oracle_dir", oracle_dir, "--output_dir", str(out),
+                                     "--student_label", "PG-SB student"])  # fmt: skip
+    assert set(sizes) == {"teacher", "student", "judge", "oracle"}
+    assert export_checkpoints.student_label(str(out / "student")) == "PG-SB student"
+    provenance = json.loads((out / "student" / export_checkpoints.PROVENANCE).read_text())
+    assert (provenance["checkpoint"], provenance["weights"]) == (checkpoint, "raw")
+    assert "train_pg_swiftbrush.py" in (out / "student" / "README.md").read_text()  # the run's model card
+    unet = OneStepPipeline.from_pretrained(out / "student").unet
     raw = load_file(os.path.join(checkpoint, "trainable_0.safetensors"))
     for name, param in unet.named_parameters():  # the checkpoint's raw weights, stored in float16
         torch.testing.assert_close(param.float(), raw[name].half().float())
@@ -222,4 +227,9 @@ def test_export_checkpoints_packs_one_training_checkpoint(students, tiny_teacher
         export_checkpoints.main(["--teacher_dir", tiny_teacher_dir, "--student_dir", students["full"],
                                  "--student_checkpoint", str(tmp_path), "--judge_dir", judge_dir,
                                  "--oracle_dir", oracle_dir, "--output_dir", str(out)])  # fmt: skip
-    assert (out / "pgsb").is_dir()  # refused before the old export was removed
+    assert (out / "student").is_dir()  # refused before the old export was removed
+    # re-exporting in place: the judge and the oracle are read from the directory being rewritten
+    export_checkpoints.main(["--teacher_dir", str(out / "teacher"), "--student_dir", students["full"], "--judge_dir",
+                             str(out / "judge"), "--oracle_dir", str(out / "oracle"), "--output_dir", str(out)])  # fmt: skip
+    assert sorted(os.listdir(out)) == ["judge", "oracle", "student", "teacher"]
+    assert json.loads((out / "student" / export_checkpoints.PROVENANCE).read_text())["weights"] == "final save"

@@ -86,7 +86,8 @@ def test_demo_runs_on_the_shipped_checkpoints(tmp_path):
     demo = _script("digits_demo", os.path.join(ROOT, "examples", "digits", "demo.py"))
     results = demo.main(["--n_per_prompt", "2", "--teacher_steps", "2", "--output_dir", str(tmp_path)])
     assert (tmp_path / "digits_demo.png").is_file()
-    student = results["PG-SB student, 1 step"]
+    label = demo.student_label(os.path.join(ROOT, "examples", "digits", "checkpoints", "student"))
+    student = results[f"{label}, 1 step"]
     assert student["nfe"] == 1 and student["n"] == 20 and 0 <= student["accuracy"] <= 1
     assert results["teacher, 2 steps, CFG 1.25"]["nfe"] == 2 * 2  # the README table's CFG: two UNet passes a step
     assert 1 <= results["adaptive (k=50, refine)"]["nfe"] <= 1 + 2 * 4  # a refined image: 4 teacher steps under CFG

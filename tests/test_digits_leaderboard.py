@@ -150,7 +150,7 @@ def test_the_whole_command_on_the_shipped_teacher(tmp_path):
     minutes = [p["minutes"] for p in run["points"] if p["step"] > 0]
     assert minutes and max(minutes) <= 0.1 + 0.05  # the budget held (one iteration's overshoot at most)
     assert {p["weights"] for p in run["points"]} == {"init", "ema", "raw"} and {p["steps"] for p in run["points"]} == {1, 2}
-    assert {"ect, 1 step", "ect, 2 steps", "shipped PG-SB student"} <= set(result["leaderboard"])
+    assert {"ect, 1 step", "ect, 2 steps", "shipped student"} <= set(result["leaderboard"])
     assert json.loads((out / "leaderboard.json").read_text())["calibration"]["ect@32"] > 0
     assert "| ect | base |" in (out / "leaderboard.md").read_text()
     (out / "leaderboard.md").unlink()

@@ -4,11 +4,11 @@
     python examples/digits/demo.py --n_per_prompt 100 --output_dir outputs/digits-demo
 
 Everything is offline and real: the checkpoints in `examples/digits/checkpoints/` were trained on scikit-learn's
-digits by the commands in `examples/digits/README.md` (teacher: a Stable-Diffusion-format pipeline; student:
-`accelerate launch training/train_pg_swiftbrush.py`; judge and oracle: two small classifiers on the train split).
-The demo
+digits by the commands in `examples/digits/README.md` (teacher: a Stable-Diffusion-format pipeline; student: the
+best one-step student of the leaderboard, `leaderboard.py`, named in `checkpoints/student/provenance.json`; judge
+and oracle: two small classifiers on the train split). The demo
 
-1. generates every digit in one step with the PG-SB student and in 25 DPM-Solver++ steps with the teacher at CFG 1.25
+1. generates every digit in one step with the student and in 25 DPM-Solver++ steps with the teacher at CFG 1.25
    (the benchmark's best teacher, the README's table), and scores both with the judge (digits-FID against real train images, prompt accuracy, precision / recall, speed);
 2. asks for "a handwritten digit" with each digit in turn as the negative prompt, without and with NASA, and
    reports how often the negated digit is removed;
@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from digits_data import DIGIT_WORDS, digit_prompts  # noqa: E402
 from evaluate import judge_features_and_logits, load_judge, save_image_grid, score_images  # noqa: E402
+from export_checkpoints import student_label  # noqa: E402
 from oracle import DigitsOracle, load_or_train_oracle  # noqa: E402
 
 from diffusers_onestep import AdaptiveCollabPipeline, OneStepPipeline  # noqa: E402
@@ -61,7 +62,7 @@ def _load(checkpoints: str):
     transformers.utils.logging.disable_progress_bar()
 
     missing = [
-        name for name in ("teacher", "pgsb", "judge", "oracle") if not os.path.isdir(os.path.join(checkpoints, name))
+        name for name in ("teacher", "student", "judge", "oracle") if not os.path.isdir(os.path.join(checkpoints, name))
     ]
     if missing:
         raise FileNotFoundError(
@@ -72,12 +73,12 @@ def _load(checkpoints: str):
         os.path.join(checkpoints, "teacher"), use_safetensors=True, dtype=torch.float32
     )
     teacher.scheduler = DPMSolverMultistepScheduler.from_config(teacher.scheduler.config)
-    student = OneStepPipeline.from_pretrained(os.path.join(checkpoints, "pgsb"), dtype=torch.float32)
+    student = OneStepPipeline.from_pretrained(os.path.join(checkpoints, "student"), dtype=torch.float32)
     for pipe in (teacher, student):
         pipe.set_progress_bar_config(disable=True)
     judge = load_judge(os.path.join(checkpoints, "judge"))
     oracle = DigitsOracle(load_or_train_oracle(os.path.join(checkpoints, "oracle")))
-    return teacher, student, judge, oracle
+    return teacher, student, judge, oracle, student_label(os.path.join(checkpoints, "student"))
 
 
 def _timed(fn):
@@ -112,14 +113,14 @@ def main(argv: list[str] | None = None) -> dict:
     demo_start = time.perf_counter()
 
     with _phase(f"Loading the checkpoints from {args.checkpoints}"):
-        teacher, student, judge, oracle = _load(args.checkpoints)
+        teacher, student, judge, oracle, label = _load(args.checkpoints)
     prompts = [p for p in digit_prompts() for _ in range(args.n_per_prompt)]
     labels = torch.arange(10).repeat_interleave(args.n_per_prompt)
     cfg = args.teacher_guidance_scale
     teacher_nfe = args.teacher_steps * (2 if cfg > 1 else 1)  # CFG runs the UNet on two branches
 
     # 1. One step vs 25 teacher steps
-    with _phase(f"[1/4] PG-SB student: {len(prompts)} images (10 digits), one step each"):
+    with _phase(f"[1/4] {label}: {len(prompts)} images (10 digits), one step each"):
         student_images, student_seconds = _timed(
             lambda: student(prompts, generator=torch.Generator().manual_seed(args.seed), output_type="pt").images
         )
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
         teacher.set_progress_bar_config(disable=True)
     teacher_name = f"teacher, {args.teacher_steps} steps, CFG {cfg:g}"
     rows = {
-        "PG-SB student, 1 step": {**score_images(student_images, labels), "nfe": 1, "seconds": student_seconds},
+        f"{label}, 1 step": {**score_images(student_images, labels), "nfe": 1, "seconds": student_seconds},
         teacher_name: {**score_images(teacher_images, labels), "nfe": teacher_nfe, "seconds": teacher_seconds},
     }
 
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
         return images.unflatten(0, (10, -1))[:, 0]
 
     picture_rows = {  # one image per digit (column d: digit d; in the last row, the generic prompt minus digit d)
-        "PG-SB student, 1 step": first_per_digit(student_images),
+        f"{label}, 1 step": first_per_digit(student_images),
         f"teacher, {args.teacher_steps} steps, CFG {cfg:g}": first_per_digit(teacher_images),
         f"adaptive, {out.average_nfe:.1f} NFE": first_per_digit(out.images),
         f"'{GENERIC_PROMPT}', no NASA": first_per_digit(nasa["without NASA"]["images"]),

@@ -297,7 +297,7 @@ def rescore(args, runs: dict) -> dict:
     if os.path.isdir(args.shipped_student):
         shipped = OneStepPipeline.from_pretrained(args.shipped_student, dtype=torch.float32)
         shipped.set_progress_bar_config(disable=True)
-        rows["shipped PG-SB student"] = {
+        rows["shipped student"] = {
             **evaluate(lambda p, g: shipped(p, generator=g, output_type="pt").images), "nfe": 1}  # fmt: skip
     for name in args.methods:
         for steps in METHODS[name].steps:
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data_dir", default="/work/digits_artifacts/data", help="prepare_data.py's output")
     parser.add_argument("--teacher_dir", default=os.path.join(HERE, "checkpoints", "teacher"))
     parser.add_argument("--judge_dir", default=os.path.join(HERE, "checkpoints", "judge"))
-    parser.add_argument("--shipped_student", default=os.path.join(HERE, "checkpoints", "pgsb"))
+    parser.add_argument("--shipped_student", default=os.path.join(HERE, "checkpoints", "student"))
     parser.add_argument("--output_dir", required=False)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))

@@ -377,7 +377,8 @@ def plot_budget(args, runs: dict, reference: float, path: str) -> str | None:
             xs.append(minutes)
             ys.append(best)
         axis.step(xs, ys, where="post", marker=".", label=name)
-    axis.axhline(reference, color="grey", linestyle="--", label="teacher, 25 steps, CFG 1.25")
+    n = 10 * getattr(args, "final_n_per_prompt", args.n_per_prompt)  # the teacher is scored with the re-scored rows
+    axis.axhline(reference, color="grey", linestyle="--", label=f"teacher, 25 steps, CFG 1.25 (N = {n})")
     axis.axhline(1.2 * reference, color="grey", linestyle=":", label="target: 1.2x the teacher")
     axis.set(xlabel=f"{_clock(args)} minutes of training" + (" (one core)" if _clock(args) == "CPU" else ""), ylabel=f"best 1-step digits-FID so far (N = {10 * args.n_per_prompt})",
              yscale="log", title="digits: best FID against budget, every method")  # fmt: skip

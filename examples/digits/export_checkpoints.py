@@ -1,8 +1,10 @@
 """Packs the trained digits artifacts into `examples/digits/checkpoints/` for the README demo (<= 25 MB in all).
 
-    python examples/digits/export_checkpoints.py --teacher_dir /work/digits_artifacts/teacher \
-        --student_dir /work/digits_artifacts/students/pgsb --judge_dir /work/digits_artifacts/judge \
-        --oracle_dir /work/digits_artifacts/oracle --nasa_scale 0.25
+    python examples/digits/export_checkpoints.py --teacher_dir examples/digits/checkpoints/teacher \
+        --student_dir /work/digits_artifacts/leaderboard/runs/sid/lr2x \
+        --student_checkpoint /work/digits_artifacts/leaderboard/runs/sid/lr2x/checkpoint-226 --student_weights ema \
+        --student_label "SiD student" --judge_dir examples/digits/checkpoints/judge \
+        --oracle_dir examples/digits/checkpoints/oracle --nasa_scale 0.5
 
 `--student_checkpoint DIR/checkpoint-N --student_weights ema|raw` exports the weights of one training checkpoint of
 the run in `--student_dir` instead of its final save (the leaderboard's best checkpoint, `leaderboard.py`).

@@ -1,7 +1,6 @@
 """examples/digits/leaderboard.py: every run's command is one its training script accepts, the calibration, the job
 pool, the selection and the tables. The whole command on the shipped digits teacher: slow."""
 
-import importlib.util
 import json
 import os
 import sys
@@ -9,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from training_scripts import SCRIPTS, load_script
 
 from diffusers_onestep.training_utils import TrainingArguments, parse_args, validate_training_args
 
@@ -17,16 +17,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples" / "digits"))
 
 import leaderboard  # noqa: E402
-
-
-def _script(name):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "training" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
@@ -39,7 +29,7 @@ def data_dir(tmp_path):
 @pytest.mark.parametrize("name", list(leaderboard.METHODS))
 def test_every_run_command_is_accepted_by_its_script(name, data_dir, tmp_path):
     method = leaderboard.METHODS[name]
-    module = _script(method.script.removesuffix(".py"))
+    module = load_script(next(c for c in SCRIPTS if c.name == method.script.removesuffix(".py")))
     extra = next(v for k, v in vars(module).items() if k.endswith("Arguments") and k != "TrainingArguments"
                  and isinstance(v, type))  # fmt: skip
     options = SimpleNamespace(data_dir=data_dir, teacher_dir="org/teacher", seed=0)

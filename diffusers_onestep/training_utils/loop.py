@@ -246,10 +246,11 @@ def _over_budget(accelerator: Accelerator, timer: TrainingTimer, budget: float |
     r"""Whether `budget` minutes are spent on any rank (shared, so that every rank stops at the same step)."""
     if budget is None:
         return False
-    over = torch.tensor([float(timer.minutes() >= budget)], device=accelerator.device)
-    if accelerator.num_processes > 1:
-        over = accelerator.reduce(over, reduction="sum")
-    return bool(over.item() > 0)
+    over = timer.minutes() >= budget
+    if accelerator.num_processes == 1:  # no device tensor, no synchronisation, in the hot loop
+        return over
+    flag = accelerator.reduce(torch.tensor([float(over)], device=accelerator.device), reduction="sum")
+    return bool(flag.item() > 0)
 
 
 def training_loop(

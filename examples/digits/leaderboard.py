@@ -197,6 +197,15 @@ def score_command(args, run_dir: str, steps: tuple[int, ...]) -> list[str]:
             "--score_steps", *map(str, steps)]  # fmt: skip
 
 
+def student_sampler(pipe, call_kwargs: dict, steps: int):
+    r"""A `pipe_callable` for `evaluate_pipeline`: the student pipeline at `steps` steps."""
+
+    def sample(prompts, generator):
+        return pipe(prompts, generator=generator, output_type="pt", num_inference_steps=steps, **call_kwargs).images
+
+    return sample
+
+
 def score_run(args) -> dict:
     r"""Scores every checkpoint of `args.score_run` (EMA and raw weights, each of `--score_steps`) into scores.json."""
     from benchmark import load_checkpoint_weights
@@ -217,10 +226,7 @@ def score_run(args) -> dict:
                 if loaded != weights:
                     continue  # a run without EMA
             for steps in args.score_steps:
-                def sample(prompts, generator, steps=steps):
-                    return pipe(prompts, generator=generator, output_type="pt", num_inference_steps=steps,
-                                **call_kwargs).images  # fmt: skip
-
+                sample = student_sampler(pipe, call_kwargs, steps)
                 metrics = evaluate_pipeline(sample, digit_prompts(), args.n_per_prompt, judge=judge, seed=args.seed)
                 metrics.pop("seconds", None)
                 points.append({"step": checkpoint["step"], "minutes": checkpoint["minutes"], "weights": weights,
@@ -308,8 +314,7 @@ def rescore(args, runs: dict) -> dict:
             pipe, network, call_kwargs = student_pipeline(args.teacher_dir, teacher, info["run_dir"], 800)
             checkpoint = os.path.join(info["run_dir"], f"checkpoint-{point['step']}")
             load_checkpoint_weights(network, checkpoint, prefer_ema=point["weights"] == "ema")
-            metrics = evaluate(lambda p, g, pipe=pipe, kw=call_kwargs, s=steps: pipe(
-                p, generator=g, output_type="pt", num_inference_steps=s, **kw).images)  # fmt: skip
+            metrics = evaluate(student_sampler(pipe, call_kwargs, steps))
             label = f"{name}, {steps} step" + ("s" if steps > 1 else "")
             rows[label] = {**metrics, "nfe": steps, "method": name, "variant": info["variant"], "step": point["step"],
                            "minutes": point["minutes"], "weights": point["weights"], "selection_fid": point["fid"],
